@@ -1,0 +1,3 @@
+"""VLsI: Verbalized Layers-to-Interactions distillation for vision-language models."""
+
+__version__ = "0.1.0"

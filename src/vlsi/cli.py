@@ -1,0 +1,181 @@
+"""The ``vlsi`` command line: one subcommand per step, each a view of its config dataclass.
+
+Flags are generated from the dataclass fields (their ``help`` metadata is the ``--help`` text);
+``--config FILE.yaml`` supplies values first and flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp):
+    """int | None -> int; leaves plain types alone."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        name = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            add_dataclass_arguments(parser, tp, prefix=name + "_")
+            continue
+        help_text = f.metadata.get("help", "")
+        required = (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not prefix
+        )
+        if tp is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                type=tp,
+                default=None,
+                help=help_text + (" (required)" if required else ""),
+            )
+
+
+def build_config(cls, args: argparse.Namespace, file_values: dict | None = None, prefix: str = ""):
+    """Config from (lowest to highest priority) dataclass defaults, the YAML file, then flags."""
+    hints = typing.get_type_hints(cls)
+    file_values = file_values or {}
+    unknown = set(file_values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise SystemExit(f"config: unknown keys {sorted(unknown)} for {cls.__name__}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        name = prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            nested_file = dict(dataclasses.asdict(default)) if default else {}
+            nested_file.update(file_values.get(f.name) or {})
+            kwargs[f.name] = build_config(tp, args, nested_file, prefix=name + "_")
+            continue
+        value = getattr(args, name, None)
+        if value is None:
+            value = file_values.get(f.name, None)
+        if value is not None:
+            kwargs[f.name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SystemExit(f"missing required option {_flag(name)} (or '{f.name}' in --config)")
+    return cls(**kwargs)
+
+
+def _cmd_synth(cfg):
+    from vlsi.synth import generate
+
+    summary = generate(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_tiny(cfg):
+    from transformers import AutoModelForImageTextToText
+
+    from vlsi.tiny import build_tiny, count_parameters
+
+    for name, path in build_tiny(cfg).items():
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        print(
+            f"{name}: {path}  ({count_parameters(model):,} parameters, {model.config.text_config.num_hidden_layers} layers)"
+        )
+
+
+def _cmd_sft(cfg):
+    from vlsi.sft import train_sft
+
+    summary = train_sft(cfg)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_eval(cfg):
+    from vlsi.evaluate import evaluate
+
+    metrics = evaluate(cfg)
+    print(format_metrics(metrics))
+
+
+def _cmd_baselines(cfg):
+    from vlsi.pipeline import run_baselines
+
+    results = run_baselines(cfg)
+    print(json.dumps({k: v["accuracy"] for k, v in results.items()}, indent=2))
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} records (skipped {metrics.get('skipped', 0)})"
+    ]
+    for skill, m in metrics.get("per_skill", {}).items():
+        lines.append(f"  {skill:<12} {m['accuracy']:.4f}  (n={m['n']}, chance {m['chance']:.3f})")
+    return "\n".join(lines)
+
+
+def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from vlsi.evaluate import EvalConfig
+    from vlsi.pipeline import BaselinesConfig
+    from vlsi.sft import SFTConfig
+    from vlsi.synth import SynthConfig
+    from vlsi.tiny import TinyConfig
+
+    return {
+        "synth": (SynthConfig, _cmd_synth, "write the synthetic visual-question dataset"),
+        "tiny": (TinyConfig, _cmd_tiny, "build the tiny random-weight teacher and student"),
+        "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (VLsI step 3)"),
+        "eval": (EvalConfig, _cmd_eval, "greedy-generation accuracy on a LLaVA-format file"),
+        "baselines": (
+            BaselinesConfig,
+            _cmd_baselines,
+            "tiny setting: synth, tiny, SFT teacher+student, eval",
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    commands = _commands()
+    parser = argparse.ArgumentParser(prog="vlsi", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", type=Path, default=None, help="YAML file with values for these options")
+        add_dataclass_arguments(p, cls)
+    args = parser.parse_args(argv)
+    cls, run, _ = commands[args.command]
+    file_values = yaml.safe_load(args.config.read_text()) if args.config else None
+    cfg = build_config(cls, args, file_values)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Errors that name a bad input are for the user, not a traceback.
+        print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

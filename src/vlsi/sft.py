@@ -1,0 +1,209 @@
+"""Supervised fine-tuning (VLsI step 3; also how the tiny teacher and student bases are trained).
+
+One explicit loop on accelerate, so the same command runs under ``accelerate launch``. The loss is
+the next-token cross-entropy on assistant tokens, summed and divided by the number of response
+tokens in the whole accumulation window across all processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from vlsi.checkpointing import CheckpointManager, fingerprint
+from vlsi.data import BatchStream, ChatDataset, Encoder, collate
+from vlsi.export import export_checkpoint, load_model
+from vlsi.losses import count_response_tokens, response_cross_entropy
+from vlsi.optim import build_optimizer
+from vlsi.processing import VLProcessor
+
+log = logging.getLogger("vlsi.sft")
+
+
+@dataclass
+class SFTConfig:
+    model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
+    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
+    image_root: str | None = field(default=None, metadata={"help": "image folder (default: the data file's)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data when --max-steps is 0"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the cosine (paper: 1e-6)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM, merged on save"})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "keep the vision encoder frozen"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward"}
+    )
+    precision: str = field(
+        default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for weights of new modules, data order and dropout"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
+    log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
+
+
+def mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": "bf16", "fp32": "no"}[precision]
+
+
+def apply_lora(model, rank: int, alpha: int, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    # Adapters go on the language model's projections only: vision towers reuse the same names.
+    target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target)
+    return get_peft_model(model, config)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> dict:
+    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole."""
+    for _ in range(1000):
+        batch = collate([dataset[i] for i in stream.next_indices()], pad_id)
+        if batch is not None:
+            return batch
+    raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    out = Path(cfg.out)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(cfg.precision), step_scheduler_with_optimizer=False
+    )
+    set_seed(cfg.seed)
+    processor = VLProcessor.from_pretrained(cfg.model)
+    model = load_model(cfg.model, dtype=torch.float32)
+    if cfg.freeze_vision:
+        for name, p in model.named_parameters():
+            if "visual" in name or "vision_tower" in name:
+                p.requires_grad_(False)
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:
+            model.enable_input_require_grads()
+    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    world = accelerator.num_processes
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(dataset) / per_step))
+    optimizer, scheduler = build_optimizer(
+        model.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    stream = BatchStream(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, world)
+
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+    }
+    settings["world"] = world
+    fp = fingerprint(settings)
+    ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
+    step, tokens_seen = 0, 0
+    if cfg.resume and (latest := ckpts.latest()) is not None:
+        state = ckpts.load(accelerator, latest, fp)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        stream.load(state["data"])
+        log.info("resumed from %s at step %d", latest, step)
+
+    model.train()
+    bar = tqdm(
+        total=total, initial=step, desc="sft", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+    log_file = out / "train_log.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    start, window_tokens, losses = time.perf_counter(), 0, []
+    while step < total:
+        micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
+        n_resp = torch.tensor(
+            sum(count_response_tokens(b["labels"]) for b in micro), device=accelerator.device
+        )
+        n_resp = accelerator.reduce(n_resp, "sum").clamp(min=1)
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                logits = model(**model_inputs(batch), use_cache=False).logits
+                loss_sum = response_cross_entropy(logits, batch["labels"])
+                # DDP averages gradients over processes; scaling by world makes it a global token mean.
+                loss = loss_sum * world / n_resp
+            accelerator.backward(loss)
+            step_loss += loss_sum.item()
+            window_tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += window_tokens
+        losses.append(step_loss / n_resp.item() * world)
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3f}",
+            lr=f"{scheduler.get_last_lr()[0]:.1e}",
+            tok_s=f"{window_tokens / elapsed:.0f}",
+        )
+        if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
+            with log_file.open("a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
+                            "lr": scheduler.get_last_lr()[0],
+                        }
+                    )
+                    + "\n"
+                )
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            ckpts.save(
+                accelerator, step, {"fingerprint": fp, "tokens_seen": tokens_seen, "data": stream.state()}
+            )
+    bar.close()
+
+    summary = {
+        "steps": step,
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None,
+        "tokens_seen": tokens_seen,
+        "seconds": round(time.perf_counter() - start, 1),
+        "records": len(dataset),
+        **dataset.skips.summary(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export_checkpoint(accelerator.unwrap_model(model), processor, out, extra={"sft": summary})
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,211 @@
+"""The built-in tiny setting: a random-weight Qwen2-VL teacher and student, built locally.
+
+Both models are ordinary Qwen2-VL checkpoints (``Qwen2VLForConditionalGeneration``) saved with a
+tokenizer, an image processor and a chat template, so every later step loads them through the
+same ``from_pretrained`` code path as a real 2B / 72B checkpoint. Nothing is downloaded.
+
+Sizes follow the Qwen2-VL family: one vision encoder architecture for every size, and language
+models that differ in depth and width. The image pipeline is sized to the synthetic data
+(48 px boards of 16 px cells): 8 px patches merged 2x2 make one visual token per board cell,
+which is what lets a from-scratch model learn the task on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# Special tokens with the same spelling (and roles) as the real Qwen2-VL tokenizer.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's chat format, minus the default system prompt (it would only lengthen every tiny sequence).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Training text for the byte-level BPE. A small merge budget keeps frequent words whole and splits
+# rarer ones, so answers such as "yellow triangle" span several tokens, as with the real tokenizer.
+_SCAFFOLD = (
+    "user assistant system What How Is Which Answer the shape shapes at is are there many colour "
+    "of to in this pattern with letter top middle bottom left right center directly above below"
+)
+_ANSWERS = (
+    "red green blue yellow purple circle square triangle cross circles squares triangles crosses "
+    "zero one two three four five six seven eight nine yes no missing row column A B C D"
+)
+
+
+@dataclass
+class LMSize:
+    """Width and depth of one language model."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+@dataclass
+class TinyConfig:
+    out: str = field(metadata={"help": "output directory; writes OUT/teacher and OUT/student"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
+    vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary size (incl. specials)"})
+    image_size: int = field(default=48, metadata={"help": "pixels per side the image processor resizes to"})
+    patch_size: int = field(default=8, metadata={"help": "vision patch size (pixels)"})
+    vision_depth: int = field(default=2, metadata={"help": "vision encoder blocks (shared architecture)"})
+    vision_dim: int = field(default=64, metadata={"help": "vision encoder width (shared architecture)"})
+    teacher: LMSize = field(
+        default_factory=lambda: LMSize(
+            hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=384
+        ),
+        metadata={"help": "teacher language model size"},
+    )
+    student: LMSize = field(
+        default_factory=lambda: LMSize(
+            hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1, intermediate_size=128
+        ),
+        metadata={"help": "student language model size"},
+    )
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat format."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Scaffolding is frequent and merges into whole words; answer words are rare and stay split.
+    corpus = [_SCAFFOLD] * 20 + [_ANSWERS] * 3 + _ANSWERS.split() * 2 + _SCAFFOLD.split() * 5
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=4096,
+        padding_side="right",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_image_processor(image_size: int, patch_size: int) -> Qwen2VLImageProcessorPil:
+    pixels = image_size * image_size
+    # min == max pixels pins every image to image_size x image_size (aspect ratio permitting).
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, min_pixels=pixels, max_pixels=pixels)
+
+
+def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
+    head_dim = size.hidden_size // size.num_heads
+    if head_dim % 8:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 8 for multimodal rotary sections")
+    half = head_dim // 2
+    # M-RoPE splits the rotary half-dimension into temporal / height / width sections (Qwen uses 16/24/24 of 64).
+    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=cfg.vision_depth,
+        embed_dim=cfg.vision_dim,
+        num_heads=max(1, cfg.vision_dim // 16),
+        mlp_ratio=2,
+        hidden_size=size.hidden_size,
+        patch_size=cfg.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor) -> None:
+    """Write the files a stock Qwen2-VL checkpoint carries, so ``AutoProcessor`` also loads it
+    where torchvision is installed, while vlsi's own processor needs only these two parts."""
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["processor_class"] = "Qwen2VLProcessor"
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = dict(pre, video_processor_type="Qwen2VLVideoProcessor")
+    video.pop("image_processor_type", None)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def build_tiny(cfg: TinyConfig) -> dict[str, Path]:
+    """Builds and saves the tiny teacher and student; returns their directories."""
+    out = Path(cfg.out)
+    tokenizer = build_tokenizer(cfg.vocab_size)
+    image_processor = build_image_processor(cfg.image_size, cfg.patch_size)
+    paths = {}
+    for offset, (name, size) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
+        torch.manual_seed(cfg.seed * 1000 + offset)
+        model = Qwen2VLForConditionalGeneration(build_config(cfg, size, tokenizer))
+        model.generation_config = GenerationConfig(
+            eos_token_id=model.config.eos_token_id,
+            pad_token_id=model.config.pad_token_id,
+            do_sample=False,
+        )
+        path = out / name
+        model.save_pretrained(path)
+        save_processor_files(path, tokenizer, image_processor)
+        paths[name] = path
+    return paths
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
