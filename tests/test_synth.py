@@ -133,6 +133,9 @@ def test_images_exist_disjoint_and_sized(dataset):
     root, _, splits = dataset
     used = {s: {r["image"] for r in recs} for s, recs in splits.items()}
     assert not used["train"] & used["test"]
+    # Distinct content too, not just distinct names: the splits must draw from unrelated random streams.
+    content = {s: {(root / p).read_bytes() for p in paths} for s, paths in used.items()}
+    assert not content["train"] & content["test"]
     assert all(p.startswith("images/train_") for p in used["train"])
     assert all(p.startswith("images/test_") for p in used["test"])
     on_disk = {p.relative_to(root).as_posix() for p in (root / "images").iterdir()}

@@ -23,8 +23,8 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class CheckpointMismatch(RuntimeError):
-    pass
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by a run with other settings or another model."""
 
 
 class CheckpointManager:

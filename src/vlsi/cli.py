@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -170,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(cls, args, file_values)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Errors that name a bad input are for the user, not a traceback.
+    except (ValueError, FileNotFoundError) as e:
+        # Errors that name a bad input are for the user, not a traceback (VLSI_DEBUG=1 shows it).
+        if os.environ.get("VLSI_DEBUG"):
+            raise
         print(f"vlsi {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

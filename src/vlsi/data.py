@@ -69,6 +69,8 @@ def record_name(record, index: int) -> str:
 
 
 def image_paths(record: dict, base: Path) -> list[Path]:
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
     image = record.get("image")
     if image is None:
         return []

@@ -98,6 +98,9 @@ def train_sft(cfg: SFTConfig) -> dict:
         mixed_precision=mixed_precision(cfg.precision), step_scheduler_with_optimizer=False
     )
     set_seed(cfg.seed)
+    if accelerator.device.type == "cpu":
+        # Tiny weights and Adam states drift into denormal floats, which made CPU steps ~5x slower.
+        torch.set_flush_denormal(True)
     processor = VLProcessor.from_pretrained(cfg.model)
     model = load_model(cfg.model, dtype=torch.float32)
     if cfg.freeze_vision:
@@ -141,8 +144,9 @@ def train_sft(cfg: SFTConfig) -> dict:
     )
     log_file = out / "train_log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    start, window_tokens, losses = time.perf_counter(), 0, []
+    start, run_tokens, losses = time.perf_counter(), 0, []
     while step < total:
+        window_tokens = 0
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
         n_resp = torch.tensor(
             sum(count_response_tokens(b["labels"]) for b in micro), device=accelerator.device
@@ -167,13 +171,14 @@ def train_sft(cfg: SFTConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += window_tokens
+        run_tokens += window_tokens
         losses.append(step_loss / n_resp.item() * world)
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(
             loss=f"{losses[-1]:.3f}",
             lr=f"{scheduler.get_last_lr()[0]:.1e}",
-            tok_s=f"{window_tokens / elapsed:.0f}",
+            tok_s=f"{run_tokens / elapsed:.0f}",
         )
         if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
             with log_file.open("a") as f:

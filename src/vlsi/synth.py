@@ -192,20 +192,20 @@ def _count_board(rng: random.Random, grid: int, query: CountQuery, answer: int, 
 
 
 def _count_query_on(rng: random.Random, board: Board, level: str) -> CountQuery:
-    """Query for a board built for another skill (a pattern board): mostly present values, some absent."""
-    present = Counter(it for it in board if it is not None)
-    if level == "hard":
-        values, seen = list(ITEMS), set(present)
-        as_query = tuple
-    elif rng.random() < 0.5:
-        values, seen = list(COLOURS), {c for c, _ in present}
-        as_query = lambda v: (v, None)  # noqa: E731
-    else:
-        values, seen = list(SHAPES), {s for _, s in present}
-        as_query = lambda v: (None, v)  # noqa: E731
-    absent = [v for v in values if v not in seen]
-    pool = absent if absent and rng.random() < _ZERO_RATE else [v for v in values if v in seen]
-    return as_query(rng.choice(pool))
+    """Query for a board built for another skill (a pattern board), chosen answer-first.
+
+    A pattern board repeats each item about three times, so a uniformly drawn query would make "three" the
+    majority answer; drawing the answer value first spreads answers over whatever the board offers.
+    """
+    queries = list(ITEMS) if level == "hard" else [(c, None) for c in COLOURS] + [(None, s) for s in SHAPES]
+    occupied = sum(it is not None for it in board)
+    by_answer: dict[int, list[CountQuery]] = {}
+    for query in queries:
+        by_answer.setdefault(sum(_matches(it, query) for it in board), []).append(query)
+    # A query matching every object is the total count in disguise, a constant on a full pattern board.
+    choices = sorted(a for a in by_answer if 0 < a < occupied) or sorted(a for a in by_answer if a)
+    answer = 0 if 0 in by_answer and rng.random() < _ZERO_RATE else rng.choice(choices)
+    return rng.choice(by_answer[answer])
 
 
 def _ask_count(rng, board, grid, level, plan):
@@ -364,6 +364,12 @@ def _build_image(rng: random.Random, grid: int, tasks: list[tuple[str, str]]) ->
     raise RuntimeError(f"could not build a board for {tasks} in {_MAX_TRIES} tries")
 
 
+def _jittered_start(rng: random.Random, origin: int, cell: int, size: int) -> int:
+    start = origin + (cell - size) // 2 + rng.randint(-1, 1)
+    # Clamped so a shape never leaks into the neighbouring cell, i.e. the neighbouring visual token.
+    return min(max(start, origin), origin + cell - size)
+
+
 def _render(rng: random.Random, board: Board, grid: int, cell: int) -> Image.Image:
     image = Image.new("RGB", (grid * cell, grid * cell), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -376,13 +382,7 @@ def _render(rng: random.Random, board: Board, grid: int, cell: int) -> Image.Ima
             min(255, max(0, v + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for v in COLOURS[item[0]]
         )
         size = rng.randint(small, large)
-        # Clamped so a shape never leaks into the neighbouring cell (= the neighbouring visual token).
-        x0 = min(
-            max(col * cell + (cell - size) // 2 + rng.randint(-1, 1), col * cell), col * cell + cell - size
-        )
-        y0 = min(
-            max(row * cell + (cell - size) // 2 + rng.randint(-1, 1), row * cell), row * cell + cell - size
-        )
+        x0, y0 = (_jittered_start(rng, i * cell, cell, size) for i in (col, row))
         x1, y1 = x0 + size - 1, y0 + size - 1
         shape = item[1]
         if shape == "circle":

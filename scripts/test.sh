@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs, lints, runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+ruff check src tests
+ruff format --check src tests
+python -m pytest -q "$@"

@@ -1,0 +1,136 @@
+"""End to end through the real command line, on the tiny models and a small synthetic set."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
+
+from vlsi.cli import main
+from vlsi.data import Encoder, load_records
+from vlsi.evaluate import generate_answers
+from vlsi.processing import VLProcessor
+
+
+def test_synth_tiny_sft_eval_export(tmp_path):
+    data, models = tmp_path / "data", tmp_path / "models"
+    assert main(["synth", "--out", str(data), "--train", "32", "--test", "8", "--seed", "1"]) == 0
+    assert main(["tiny", "--out", str(models)]) == 0
+    out = tmp_path / "sft"
+    args = [
+        "sft",
+        "--model",
+        str(models / "student"),
+        "--data",
+        str(data / "train.json"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["skipped"] == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    trained = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    base = Qwen2VLForConditionalGeneration.from_pretrained(models / "student")
+    assert trained.config.to_dict()["text_config"] == base.config.to_dict()["text_config"]
+    assert not torch.equal(trained.lm_head.weight, base.lm_head.weight)
+
+    ev = tmp_path / "eval"
+    assert main(["eval", "--model", str(out), "--data", str(data / "test.json"), "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["n"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics["per_skill"]) == {"attribute", "count", "spatial", "pattern"}
+    predictions = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8
+
+    # The export reloads with the stock auto class and, greedy, gives the same answers.
+    stock = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(stock) is Qwen2VLForConditionalGeneration
+    processor = VLProcessor.from_pretrained(out)
+    encoder = Encoder(processor)
+    prompts = [encoder.encode_prompt(r, data)[0] for r in load_records(data / "test.json")]
+    answers = generate_answers(stock, processor, prompts, max_new_tokens=32)
+    assert [a.strip() for a in answers] == [p["prediction"] for p in predictions]
+
+
+def test_lora_sft_exports_a_merged_plain_checkpoint(tmp_path, tiny_models, synth_data):
+    out = tmp_path / "lora"
+    args = [
+        "sft",
+        "--model",
+        str(tiny_models["student"]),
+        "--data",
+        str(synth_data / "train.json"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "4",
+        "--lr",
+        "1e-2",
+    ]
+    assert main(args) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora" in k for k in keys)
+    merged = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["student"])
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # adapters were merged in
+    # LoRA leaves everything outside the adapters untouched.
+    emb = "model.language_model.embed_tokens.weight"
+    assert torch.equal(merged.state_dict()[emb], base.state_dict()[emb])
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tiny_models, synth_data, capsys):
+    out = tmp_path / "run"
+    common = [
+        "sft",
+        "--model",
+        str(tiny_models["student"]),
+        "--data",
+        str(synth_data / "train.json"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "1",
+    ]
+    assert main(common) == 0
+    assert main(common + ["--lr", "5e-3"]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path, tiny_models, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{]")
+    code = main(
+        ["sft", "--model", str(tiny_models["student"]), "--data", str(bad), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert "bad.json:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_missing_required_option_exits():
+    with pytest.raises(SystemExit):
+        main(["sft", "--model", "x"])
