@@ -28,7 +28,9 @@ PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "c
 
 
 def _generate(root: Path, **kw) -> tuple[Path, dict]:
-    cfg = SynthConfig(out=str(root), **{"train": 40, "test": 20, "seed": 0, **kw})
+    # Single-question records unless a test asks for the train-time grouping and captions.
+    defaults = {"train": 40, "test": 20, "seed": 0, "captions": False, "multi_turn": False}
+    cfg = SynthConfig(out=str(root), **{**defaults, **kw})
     return root, generate(cfg)
 
 
@@ -240,3 +242,26 @@ def test_other_questions_per_image(tmp_path, per_image):
 def test_invalid_config(tmp_path, bad):
     with pytest.raises(ValueError):
         _generate(tmp_path, **bad)
+
+
+def test_train_captions_and_multi_turn_conversations(tmp_path):
+    root, _ = _generate(tmp_path, train=24, test=8, captions=True, multi_turn=True)
+    train = json.loads((root / "train.json").read_text())
+    test = json.loads((root / "test.json").read_text())
+    captions = [r for r in train if r["skill"] == "caption"]
+    conversations = [r for r in train if r["skill"] != "caption"]
+    assert len(captions) == len(conversations) == 12  # 24 questions, 2 per image, one caption each
+    for r in conversations:
+        turns = r["conversations"]
+        assert len(turns) == 4 and [t["from"] for t in turns] == ["human", "gpt"] * 2
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        board = read_board(root / r["image"])
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+            assert solve(human["value"].removeprefix("<image>\n"), board) == gpt["value"]
+    for r in captions:
+        board = read_board(root / r["image"])
+        described = r["conversations"][1]["value"].rstrip(".").split(", ")
+        cells = [f"{c} {s}" for c, s in (item for item in board if item is not None)]
+        assert [d.split(" at ")[0] for d in described] == cells
+    # The test split stays one question per record, with no captions.
+    assert all(len(r["conversations"]) == 2 and r["skill"] != "caption" for r in test)

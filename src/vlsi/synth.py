@@ -80,13 +80,23 @@ Board = list  # list[Item | None], row-major, index = row * grid + col
 @dataclass
 class SynthConfig:
     out: str = field(metadata={"help": "output directory (receives train.json, test.json, images/)"})
-    train: int = field(default=6000, metadata={"help": "number of train records"})
+    train: int = field(
+        default=6000, metadata={"help": "number of train questions (before multi-turn grouping)"}
+    )
     test: int = field(default=500, metadata={"help": "number of test records"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed gives byte-identical output"})
     grid: int = field(default=3, metadata={"help": "cells per board side (>= 3)"})
     cell: int = field(default=16, metadata={"help": "pixels per cell; 16 = one merged 2x2 patch of 8 px"})
     questions_per_image: int = field(
         default=2, metadata={"help": "records sharing one image, each of a different skill (1-3)"}
+    )
+    captions: bool = field(
+        default=True,
+        metadata={"help": "add one 'describe the board' record per train image (dense supervision)"},
+    )
+    multi_turn: bool = field(
+        default=True,
+        metadata={"help": "train questions on one image form one multi-turn conversation (test: one each)"},
     )
 
 
@@ -448,26 +458,65 @@ def _generate_split(cfg: SynthConfig, split: str, n_records: int, image_dir: Pat
         board, qa = _build_image(rng, cfg.grid, tasks)
         name = f"{split}_{image_idx:05d}.png"
         _render(rng, board, cfg.grid, cfg.cell).save(image_dir / name, format="PNG")
-        for q_idx, (skill, level, question, answer) in enumerate(qa):
-            records.append(
-                {
-                    "id": f"{split}-{image_idx:05d}-{q_idx}",
-                    "image": f"images/{name}",
-                    "skill": skill,
-                    "level": level,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{question}"},
-                        {"from": "gpt", "value": answer},
-                    ],
-                }
-            )
+        image_records = [
+            {
+                "id": f"{split}-{image_idx:05d}-{q_idx}",
+                "image": f"images/{name}",
+                "skill": skill,
+                "level": level,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+            for q_idx, (skill, level, question, answer) in enumerate(qa)
+        ]
+        if split == "train" and cfg.multi_turn and len(image_records) > 1:
+            image_records = [_as_conversation(image_records)]
+        records.extend(image_records)
+        if split == "train" and cfg.captions:
+            records.append(_caption_record(board, cfg.grid, f"{split}-{image_idx:05d}-c", f"images/{name}"))
     return records
 
 
+def _as_conversation(records: list[dict]) -> dict:
+    """One multi-turn record from single-question records on the same image: every answer in it
+    trains the model while the image is encoded once. Later turns drop the image placeholder."""
+    turns = list(records[0]["conversations"])
+    for rec in records[1:]:
+        human, gpt = rec["conversations"]
+        turns += [dict(human, value=human["value"].removeprefix("<image>\n")), gpt]
+    return {
+        **records[0],
+        "id": records[0]["id"].rsplit("-", 1)[0],
+        "skill": "mixed",
+        "level": "mixed",
+        "conversations": turns,
+    }
+
+
+def _caption_record(board: Board, grid: int, rid: str, image: str) -> dict:
+    """A dense description of every occupied cell in reading order. Train-only, like the captioning
+    data VLMs are aligned on: it supervises every visual token of the board, where a question
+    supervises one or two, and it is never asked at test time."""
+    parts = [f"{_describe(item)} at {_at(idx, grid)}" for idx, item in enumerate(board) if item is not None]
+    return {
+        "id": rid,
+        "image": image,
+        "skill": "caption",
+        "level": "easy",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the board."},
+            {"from": "gpt", "value": ", ".join(parts) + "."},
+        ],
+    }
+
+
 def _summarise(records: list[dict]) -> dict:
-    skills = {s: {lv: 0 for lv in LEVELS} for s in SKILLS}
+    skills: dict = {s: {lv: 0 for lv in LEVELS} for s in SKILLS}
     for rec in records:
-        skills[rec["skill"]][rec["level"]] += 1
+        level = skills.setdefault(rec["skill"], {})
+        level[rec["level"]] = level.get(rec["level"], 0) + 1
     return {"records": len(records), "images": len({r["image"] for r in records}), "skills": skills}
 
 

@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
 # rarer ones, so answers such as "yellow triangle" span several tokens, as with the real tokenizer.
 _SCAFFOLD = (
     "user assistant system What How Is Which Answer the shape shapes at is are there many colour "
-    "of to in this pattern with letter top middle bottom left right center directly above below"
+    "of to in this pattern with letter top middle bottom left right center directly above below Describe board"
 )
 _ANSWERS = (
     "red green blue yellow purple circle square triangle cross circles squares triangles crosses "
