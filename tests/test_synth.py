@@ -265,3 +265,23 @@ def test_train_captions_and_multi_turn_conversations(tmp_path):
         assert [d.split(" at ")[0] for d in described] == cells
     # The test split stays one question per record, with no captions.
     assert all(len(r["conversations"]) == 2 and r["skill"] != "caption" for r in test)
+
+
+def test_position_cue_tints_empty_cells_by_row_and_column(tmp_path):
+    root, _ = _generate(tmp_path, train=16, test=0, position_cue=16)
+    recs = json.loads((root / "train.json").read_text())
+    for r in recs:
+        board = read_board(root / r["image"])
+        question = r["conversations"][0]["value"].removeprefix("<image>\n")
+        assert solve(question, board) == r["conversations"][1]["value"]
+    # An empty cell's corner pixel shows the cue: green falls by 16 per row, blue by 16 per column.
+    checked = 0
+    for r in recs:
+        arr = np.asarray(Image.open(root / r["image"]).convert("RGB")).astype(int)
+        for idx, item in enumerate(read_board(root / r["image"])):
+            if item is None:
+                row, col = divmod(idx, GRID)
+                expected = (BACKGROUND[0], BACKGROUND[1] - 16 * row, BACKGROUND[2] - 16 * col)
+                assert tuple(arr[row * CELL, col * CELL]) == expected
+                checked += 1
+    assert checked > 10

@@ -125,6 +125,25 @@ def _cmd_baselines(cfg):
     print(json.dumps({k: v["accuracy"] for k, v in results.items()}, indent=2))
 
 
+def _cmd_verbalize_train(cfg):
+    from vlsi.verbalize import train_verbalizers
+
+    summary = train_verbalizers(cfg)
+    print(json.dumps(summary["held_out"], indent=2))
+
+
+def _cmd_verbalize(cfg):
+    from vlsi.verbalize import format_verbalized, verbalize
+
+    lines = verbalize(
+        cfg.model, cfg.verbalizers, cfg.image, cfg.question, cfg.max_new_tokens, max_length=cfg.max_length
+    )
+    if cfg.json:
+        print(json.dumps([{"label": label, "text": text} for label, text in lines], indent=2))
+    else:
+        print(format_verbalized(lines))
+
+
 def format_metrics(metrics: dict) -> str:
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} records (skipped {metrics.get('skipped', 0)})"
@@ -140,6 +159,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from vlsi.sft import SFTConfig
     from vlsi.synth import SynthConfig
     from vlsi.tiny import TinyConfig
+    from vlsi.verbalize import InspectConfig, VerbalizeConfig
 
     return {
         "synth": (SynthConfig, _cmd_synth, "write the synthetic visual-question dataset"),
@@ -150,6 +170,12 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             BaselinesConfig,
             _cmd_baselines,
             "tiny setting: synth, tiny, SFT teacher+student, eval",
+        ),
+        "verbalize-train": (VerbalizeConfig, _cmd_verbalize_train, "train the verbalizers (VLsI step 1)"),
+        "verbalize": (
+            InspectConfig,
+            _cmd_verbalize,
+            "what each verbalized layer says about an image, then the model's answer",
         ),
     }
 

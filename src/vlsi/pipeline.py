@@ -24,16 +24,16 @@ class BaselinesConfig:
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
     train: int = field(default=6000, metadata={"help": "synthetic train records"})
     test: int = field(default=500, metadata={"help": "synthetic test records"})
-    steps: int = field(default=600, metadata={"help": "SFT optimizer steps for each base model"})
+    steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for each base model"})
     batch_size: int = field(default=32, metadata={"help": "SFT batch size"})
-    lr: float = field(default=2e-3, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
-    min_lr: float = field(default=1e-5, metadata={"help": "final SFT learning rate"})
+    lr: float = field(default=5e-4, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
+    min_lr: float = field(default=5e-6, metadata={"help": "final SFT learning rate"})
     warmup_steps: int = field(default=30, metadata={"help": "SFT warm-up steps"})
     student: bool = field(default=True, metadata={"help": "also train and evaluate the student base"})
 
 
-def _stage(marker: Path, label: str):
-    """Decorator-free stage guard: returns True when the stage still has to run."""
+def _stage(marker: Path, label: str) -> bool:
+    """True when the stage still has to run (its marker file is absent)."""
     if marker.exists():
         print(f"[skip] {label}: done ({marker})")
         return False
@@ -80,5 +80,26 @@ def run_baselines(cfg: BaselinesConfig) -> dict:
             )
         results[name] = json.loads(metrics_file.read_text())
     (root / "results.json").write_text(json.dumps(results, indent=2))
+    table = results_table(results)
+    (root / "report.md").write_text(table + "\n")
+    print(table)
     print(f"done in {time.perf_counter() - t0:.0f} s; results in {root / 'results.json'}")
     return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown: overall and per-skill accuracy of each model, with each skill's chance level."""
+    names = list(results)
+    skills = sorted({s for m in results.values() for s in m.get("per_skill", {})})
+    lines = [
+        "| skill | chance | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for skill in skills:
+        chance = next(
+            m["per_skill"][skill]["chance"] for m in results.values() if skill in m.get("per_skill", {})
+        )
+        cells = [f"{results[n]['per_skill'].get(skill, {}).get('accuracy', float('nan')):.3f}" for n in names]
+        lines.append(f"| {skill} | {chance:.3f} | " + " | ".join(cells) + " |")
+    lines.append("| **all** | | " + " | ".join(f"**{results[n]['accuracy']:.3f}**" for n in names) + " |")
+    return "\n".join(lines)

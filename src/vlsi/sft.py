@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from vlsi.backbone import family_for
 from vlsi.checkpointing import CheckpointManager, fingerprint
 from vlsi.data import BatchStream, ChatDataset, Encoder, collate
 from vlsi.export import export_checkpoint, load_model
@@ -73,8 +75,10 @@ def apply_lora(model, rank: int, alpha: int, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    # Adapters go on the language model's projections only: vision towers reuse the same names.
-    target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    family = family_for(model)
+    # Adapters on the language model's decoder layers only: vision towers reuse the same module names.
+    names = "|".join(family.lora_target_modules)
+    target = rf"{re.escape(family.decoder_layers)}\.\d+\..*({names})"
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target)
     return get_peft_model(model, config)
 

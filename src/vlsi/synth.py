@@ -90,8 +90,12 @@ class SynthConfig:
     questions_per_image: int = field(
         default=2, metadata={"help": "records sharing one image, each of a different skill (1-3)"}
     )
+    position_cue: int = field(
+        default=0,
+        metadata={"help": "tint each cell's background by row/column (0 = plain); see the module doc"},
+    )
     captions: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "add one 'describe the board' record per train image (dense supervision)"},
     )
     multi_turn: bool = field(
@@ -380,9 +384,14 @@ def _jittered_start(rng: random.Random, origin: int, cell: int, size: int) -> in
     return min(max(start, origin), origin + cell - size)
 
 
-def _render(rng: random.Random, board: Board, grid: int, cell: int) -> Image.Image:
+def _render(rng: random.Random, board: Board, grid: int, cell: int, cue: int = 0) -> Image.Image:
     image = Image.new("RGB", (grid * cell, grid * cell), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    if cue:
+        for idx in range(grid * grid):
+            row, col = divmod(idx, grid)
+            tint = (BACKGROUND[0], BACKGROUND[1] - cue * row, BACKGROUND[2] - cue * col)
+            draw.rectangle((col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1), fill=tint)
     small, large = max(3, round(0.6 * cell)), max(3, round(0.85 * cell))
     for idx, item in enumerate(board):
         if item is None:
@@ -457,7 +466,7 @@ def _generate_split(cfg: SynthConfig, split: str, n_records: int, image_dir: Pat
         rng = random.Random(_derive_seed(cfg.seed, split, image_idx))
         board, qa = _build_image(rng, cfg.grid, tasks)
         name = f"{split}_{image_idx:05d}.png"
-        _render(rng, board, cfg.grid, cfg.cell).save(image_dir / name, format="PNG")
+        _render(rng, board, cfg.grid, cfg.cell, cfg.position_cue).save(image_dir / name, format="PNG")
         image_records = [
             {
                 "id": f"{split}-{image_idx:05d}-{q_idx}",

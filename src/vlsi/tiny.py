@@ -82,6 +82,8 @@ class TinyConfig:
     patch_size: int = field(default=8, metadata={"help": "vision patch size (pixels)"})
     vision_depth: int = field(default=2, metadata={"help": "vision encoder blocks (shared architecture)"})
     vision_dim: int = field(default=64, metadata={"help": "vision encoder width (shared architecture)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "rotary base of the language model"})
+    vision_rope_theta: float = field(default=10000.0, metadata={"help": "rotary base of the vision encoder"})
     teacher: LMSize = field(
         default_factory=lambda: LMSize(
             hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=384
@@ -143,7 +145,11 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
         num_key_value_heads=size.num_kv_heads,
         intermediate_size=size.intermediate_size,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "mrope_section": mrope_section,
+        },
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -157,6 +163,7 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
         patch_size=cfg.patch_size,
         spatial_merge_size=2,
         temporal_patch_size=2,
+        rope_parameters={"rope_type": "axial", "rope_theta": cfg.vision_rope_theta},
     )
     return Qwen2VLConfig(
         text_config=text,
