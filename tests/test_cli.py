@@ -13,30 +13,21 @@ from vlsi.evaluate import generate_answers
 from vlsi.processing import VLProcessor
 
 
+def _sft(model, data, out, options: str) -> list[str]:
+    return ["sft", "--model", str(model), "--data", str(data), "--out", str(out), *options.split()]
+
+
 def test_synth_tiny_sft_eval_export(tmp_path):
     data, models = tmp_path / "data", tmp_path / "models"
     assert main(["synth", "--out", str(data), "--train", "32", "--test", "8", "--seed", "1"]) == 0
     assert main(["tiny", "--out", str(models)]) == 0
     out = tmp_path / "sft"
-    args = [
-        "sft",
-        "--model",
-        str(models / "student"),
-        "--data",
-        str(data / "train.json"),
-        "--out",
-        str(out),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--save-every",
-        "2",
-        "--lr",
-        "1e-3",
-    ]
+    args = _sft(
+        models / "student",
+        data / "train.json",
+        out,
+        "--max-steps 4 --batch-size 4 --grad-accum 2 --save-every 2 --lr 1e-3",
+    )
     assert main(args) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["skipped"] == 0
@@ -66,26 +57,8 @@ def test_synth_tiny_sft_eval_export(tmp_path):
 
 def test_lora_sft_exports_a_merged_plain_checkpoint(tmp_path, tiny_models, synth_data):
     out = tmp_path / "lora"
-    args = [
-        "sft",
-        "--model",
-        str(tiny_models["student"]),
-        "--data",
-        str(synth_data / "train.json"),
-        "--out",
-        str(out),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--lora",
-        "--lora-rank",
-        "4",
-        "--lora-alpha",
-        "4",
-        "--lr",
-        "1e-2",
-    ]
+    options = "--max-steps 2 --batch-size 4 --lora --lora-rank 4 --lora-alpha 4 --lr 1e-2"
+    args = _sft(tiny_models["student"], synth_data / "train.json", out, options)
     assert main(args) == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = list(f.keys())
@@ -101,21 +74,9 @@ def test_lora_sft_exports_a_merged_plain_checkpoint(tmp_path, tiny_models, synth
 
 def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tiny_models, synth_data, capsys):
     out = tmp_path / "run"
-    common = [
-        "sft",
-        "--model",
-        str(tiny_models["student"]),
-        "--data",
-        str(synth_data / "train.json"),
-        "--out",
-        str(out),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--save-every",
-        "1",
-    ]
+    common = _sft(
+        tiny_models["student"], synth_data / "train.json", out, "--max-steps 3 --batch-size 4 --save-every 1"
+    )
     assert main(common) == 0
     assert main(common + ["--lr", "5e-3"]) == 2
     assert "different settings" in capsys.readouterr().err
@@ -134,3 +95,13 @@ def test_bad_data_file_is_a_clear_error(tmp_path, tiny_models, capsys):
 def test_missing_required_option_exits():
     with pytest.raises(SystemExit):
         main(["sft", "--model", "x"])
+
+
+def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_models, synth_data):
+    out = tmp_path / "frozen"
+    options = "--max-steps 2 --batch-size 4 --freeze-vision --lr 1e-2"
+    assert main(_sft(tiny_models["student"], synth_data / "train.json", out, options)) == 0
+    before = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["student"]).state_dict()
+    after = Qwen2VLForConditionalGeneration.from_pretrained(out).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.visual."))
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])

@@ -52,46 +52,30 @@ class Family:
 
 # The transformers v5 layout is shared by all four: the *ForConditionalGeneration wraps a `model` holding the
 # vision tower and the text `language_model`, and owns `lm_head` itself.
+_V5_TEXT = dict(
+    decoder_layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    embed_tokens="model.language_model.embed_tokens",
+)
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(
-            name="qwen2_vl",
-            model_types=("qwen2_vl",),
-            decoder_layers="model.language_model.layers",
-            final_norm="model.language_model.norm",
-            lm_head="lm_head",
-            embed_tokens="model.language_model.embed_tokens",
-            vision_tower="model.visual",
-        ),
-        Family(
-            name="qwen2_5_vl",
-            model_types=("qwen2_5_vl",),
-            decoder_layers="model.language_model.layers",
-            final_norm="model.language_model.norm",
-            lm_head="lm_head",
-            embed_tokens="model.language_model.embed_tokens",
-            vision_tower="model.visual",
-        ),
+        Family(name="qwen2_vl", model_types=("qwen2_vl",), vision_tower="model.visual", **_V5_TEXT),
+        Family(name="qwen2_5_vl", model_types=("qwen2_5_vl",), vision_tower="model.visual", **_V5_TEXT),
         Family(
             name="qwen3_vl",
             model_types=("qwen3_vl",),
-            decoder_layers="model.language_model.layers",
-            final_norm="model.language_model.norm",
-            lm_head="lm_head",
-            embed_tokens="model.language_model.embed_tokens",
             vision_tower="model.visual",
             injects_between_layers=True,
+            **_V5_TEXT,
         ),
         Family(
             name="llava_onevision",
             model_types=("llava_onevision",),
-            decoder_layers="model.language_model.layers",
-            final_norm="model.language_model.norm",
-            lm_head="lm_head",
-            embed_tokens="model.language_model.embed_tokens",
             vision_tower="model.vision_tower",
             image_token="<image>",
+            **_V5_TEXT,
         ),
     )
 }

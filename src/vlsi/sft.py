@@ -17,17 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from vlsi.backbone import family_for
+from vlsi.backbone import family_for, get_module
 from vlsi.checkpointing import CheckpointManager, fingerprint
-from vlsi.data import BatchStream, ChatDataset, Encoder, collate
+from vlsi.data import BatchStream, ChatDataset, Encoder
 from vlsi.export import export_checkpoint, load_model
-from vlsi.losses import count_response_tokens, response_cross_entropy
+from vlsi.losses import response_cross_entropy
 from vlsi.optim import build_optimizer
 from vlsi.processing import VLProcessor
+from vlsi.runtime import global_response_tokens, make_accelerator, model_inputs, next_batch
 
 log = logging.getLogger("vlsi.sft")
 
@@ -65,12 +64,6 @@ class SFTConfig:
     log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
 
 
-def mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": "bf16", "fp32": "no"}[precision]
-
-
 def apply_lora(model, rank: int, alpha: int, seed: int):
     from peft import LoraConfig, get_peft_model
 
@@ -83,34 +76,13 @@ def apply_lora(model, rank: int, alpha: int, seed: int):
     return get_peft_model(model, config)
 
 
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> dict:
-    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole."""
-    for _ in range(1000):
-        batch = collate([dataset[i] for i in stream.next_indices()], pad_id)
-        if batch is not None:
-            return batch
-    raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
-
-
 def train_sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.out)
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(cfg.precision), step_scheduler_with_optimizer=False
-    )
-    set_seed(cfg.seed)
-    if accelerator.device.type == "cpu":
-        # Tiny weights and Adam states drift into denormal floats, which made CPU steps ~5x slower.
-        torch.set_flush_denormal(True)
+    accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model)
     model = load_model(cfg.model, dtype=torch.float32)
     if cfg.freeze_vision:
-        for name, p in model.named_parameters():
-            if "visual" in name or "vision_tower" in name:
-                p.requires_grad_(False)
+        get_module(model, family_for(model).vision_tower).requires_grad_(False)
     if cfg.lora:
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -152,10 +124,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     while step < total:
         window_tokens = 0
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
-        n_resp = torch.tensor(
-            sum(count_response_tokens(b["labels"]) for b in micro), device=accelerator.device
-        )
-        n_resp = accelerator.reduce(n_resp, "sum").clamp(min=1)
+        n_resp = global_response_tokens(accelerator, micro)
         step_loss = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,10 +34,9 @@ from vlsi.checkpointing import CheckpointManager, fingerprint
 from vlsi.data import BatchStream, ChatDataset, Encoder, collate
 from vlsi.evaluate import generate_answers
 from vlsi.export import load_model
-from vlsi.losses import count_response_tokens
 from vlsi.optim import build_optimizer
 from vlsi.processing import VLProcessor
-from vlsi.sft import mixed_precision, model_inputs, next_batch
+from vlsi.runtime import global_response_tokens, make_accelerator, mixed_precision, model_inputs, next_batch
 from vlsi.verbalizer import (
     VerbalizerConfig,
     Verbalizers,
@@ -241,11 +238,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
     out = Path(cfg.out)
     precision = mixed_precision(cfg.precision)
-    accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
-    set_seed(cfg.seed)
-    if accelerator.device.type == "cpu":
-        # Tiny weights and Adam states drift into denormal floats, which made CPU steps ~5x slower.
-        torch.set_flush_denormal(True)
+    accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model)
     if model is None:
         # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
@@ -300,10 +293,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     start, history = time.perf_counter(), []
     while step < total:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
-        n_resp = torch.tensor(
-            sum(count_response_tokens(b["labels"]) for b in micro), device=accelerator.device
-        )
-        n_resp = accelerator.reduce(n_resp, "sum").clamp(min=1)
+        n_resp = global_response_tokens(accelerator, micro)
         step_sums = torch.zeros(len(layers))
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
