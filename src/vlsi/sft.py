@@ -154,17 +154,10 @@ def train_sft(cfg: SFTConfig) -> dict:
             tok_s=f"{run_tokens / elapsed:.0f}",
         )
         if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
+            recent = losses[-cfg.log_every :]
+            row = {"step": step, "loss": sum(recent) / len(recent), "lr": scheduler.get_last_lr()[0]}
             with log_file.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "loss": sum(losses[-cfg.log_every :]) / len(losses[-cfg.log_every :]),
-                            "lr": scheduler.get_last_lr()[0],
-                        }
-                    )
-                    + "\n"
-                )
+                f.write(json.dumps(row) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpts.save(
                 accelerator, step, {"fingerprint": fp, "tokens_seen": tokens_seen, "data": stream.state()}
