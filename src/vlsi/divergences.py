@@ -1,0 +1,228 @@
+"""Divergences between the teacher's and the student's verbalized vocabulary distributions.
+
+Every divergence takes teacher then student logits, ``[N, V]`` (any leading shape is flattened), already
+restricted to response tokens and to the shared vocabulary (:func:`shared_vocab`), and returns the SUM over
+the N rows: the caller divides by the response-token count of the whole accumulation window, as
+:func:`vlsi.losses.response_cross_entropy` does, so short replies are not over-weighted.
+
+Conventions
+- Precision: logits are promoted to at least float32 and normalised with ``log_softmax``; bf16 logits of a
+  151k vocabulary lose too much in ``softmax`` then ``log``.
+- Temperature ``tau``: both logits are divided by ``tau`` and, with ``tau_squared=True`` (the default), the
+  result is multiplied by ``tau**2`` as in Hinton et al. (2015), so the gradient's magnitude does not shrink
+  as ``1/tau**2`` when ``tau`` grows and a change of ``tau`` needs no change of the loss weight. At
+  ``tau = 1`` (this project's default) the factor is 1. The same factor applies to every divergence here,
+  ``l2`` included, so that switching the operation never silently rescales the loss.
+- Direction: ``forward_kl(t, s) = KL(p_t || p_s)`` is the default [design, METHOD.md step 2];
+  ``reverse_kl(t, s) = KL(p_s || p_t)``.
+- Generalised JSD, as in GKD (Agarwal et al. 2024, eq. 1) and TRL's ``GKDTrainer.generalized_jsd_loss``:
+  ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``, ``m = beta * p_t + (1 - beta) * p_s``.
+  Here it is the plain mixture formula at every beta, so ``jsd(beta=0) == jsd(beta=1) == 0`` (the mixture
+  equals one of the two distributions and its weight is 0). TRL special-cases the endpoints instead:
+  its ``beta=0`` is forward KL and ``beta=1`` reverse KL. Those are the limits of the *rescaled*
+  divergence, ``JSD_beta / beta -> KL(p_t || p_s)`` as beta -> 0 and ``JSD_beta / (1 - beta) ->
+  KL(p_s || p_t)`` as beta -> 1; ask for ``forward_kl`` / ``reverse_kl`` by name to get them here.
+  At ``beta = 0.5`` it is the symmetric Jensen-Shannon divergence.
+- ``l2``: the paper's L2 operation compares hidden states, but teacher and student widths differ (3584 vs
+  1536 for Qwen2-VL 7B / 2B) and cannot be compared without a projection the paper does not describe, so this
+  project's ``l2`` is :func:`mse` on the verbalized probability vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DIVERGENCES",
+    "Divergence",
+    "ce_to_teacher",
+    "check_same_tokenizer",
+    "divergence",
+    "forward_kl",
+    "jsd",
+    "mse",
+    "reverse_kl",
+    "shared_vocab",
+]
+
+# (teacher_logits [N, V], student_logits [N, V], tau) -> summed divergence, a 0-dim tensor.
+Divergence = Callable[..., torch.Tensor]
+
+
+def _log_probs(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if t_logits.shape[-1] != s_logits.shape[-1]:
+        raise ValueError(
+            f"teacher and student vocabularies differ ({t_logits.shape[-1]} vs {s_logits.shape[-1]}); "
+            "restrict both with shared_vocab() first"
+        )
+    if tau <= 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau}")
+    dtype = torch.promote_types(torch.promote_types(t_logits.dtype, s_logits.dtype), torch.float32)
+    log_pt = F.log_softmax(t_logits.to(dtype).flatten(0, -2) / tau, dim=-1)  # [N, V]
+    log_ps = F.log_softmax(s_logits.to(dtype).flatten(0, -2) / tau, dim=-1)  # [N, V]
+    return log_pt, log_ps
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_rows KL(p || q) from log-probabilities."""
+    # F.kl_div(input, target) is KL(target || input): the arguments read backwards on purpose.
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+
+
+def _scaled(value: torch.Tensor, tau: float, tau_squared: bool) -> torch.Tensor:
+    return value * tau**2 if tau_squared else value
+
+
+def forward_kl(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
+) -> torch.Tensor:
+    """Summed KL(p_t || p_s): mass-covering, the student is pushed to cover every mode of the teacher."""
+    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
+    return _scaled(_kl(log_pt, log_ps), tau, tau_squared)
+
+
+def reverse_kl(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
+) -> torch.Tensor:
+    """Summed KL(p_s || p_t): mode-seeking, the student may drop teacher modes it cannot fit."""
+    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
+    return _scaled(_kl(log_ps, log_pt), tau, tau_squared)
+
+
+def jsd(
+    t_logits: torch.Tensor,
+    s_logits: torch.Tensor,
+    beta: float = 0.5,
+    tau: float = 1.0,
+    *,
+    tau_squared: bool = True,
+) -> torch.Tensor:
+    """Summed generalised JSD: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s.
+
+    Zero at beta = 0 and beta = 1 (see the module docstring for how this differs from TRL's endpoints).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
+    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
+    log_beta = torch.tensor(beta, dtype=log_pt.dtype, device=log_pt.device).log()
+    log_1m_beta = torch.tensor(1.0 - beta, dtype=log_pt.dtype, device=log_pt.device).log()
+    # log m without leaving log space; logaddexp avoids the [2, N, V] copy a stacked logsumexp would make.
+    log_m = torch.logaddexp(log_pt + log_beta, log_ps + log_1m_beta)  # [N, V]
+    value = beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+    return _scaled(value, tau, tau_squared)
+
+
+def ce_to_teacher(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
+) -> torch.Tensor:
+    """Summed soft cross-entropy -sum_v p_t log p_s (the paper's "CE" operation).
+
+    Equals forward KL plus the teacher's entropy: the same gradient for the student, but not zero at a
+    perfect match, which is why it is not the matching score.
+    """
+    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
+    return _scaled(-(log_pt.exp() * log_ps).sum(), tau, tau_squared)
+
+
+def mse(
+    t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
+) -> torch.Tensor:
+    """Summed squared Euclidean distance between the probability vectors, sum_rows sum_v (p_t - p_s)**2.
+
+    Summed, not averaged, over the vocabulary: a mean over 151k entries would shrink the loss (and its
+    gradient) by the vocabulary size. The mean over tokens is the caller's, as for every divergence here.
+    """
+    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
+    return _scaled((log_pt.exp() - log_ps.exp()).pow(2).sum(), tau, tau_squared)
+
+
+_REGISTRY: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "ce": ce_to_teacher,
+    "l2": mse,
+}
+DIVERGENCES = tuple(_REGISTRY)
+
+
+def divergence(name: str, beta: float = 0.5) -> Divergence:
+    """The divergence called ``name``, as ``fn(t_logits, s_logits, tau=1.0, *, tau_squared=True)``.
+
+    ``beta`` is used by ``jsd`` only and is bound here, so every returned callable has the same signature.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+    if name == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
+
+        def bound_jsd(t_logits, s_logits, tau=1.0, *, tau_squared=True):
+            return jsd(t_logits, s_logits, beta, tau, tau_squared=tau_squared)
+
+        return bound_jsd
+    return _REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared vocabulary
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shared_vocab(t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logits cut to the narrower vocabulary width (views, no copy). [..., V_t], [..., V_s] -> [..., V]
+
+    Qwen2-VL 72B / 7B heads carry padding rows beyond the 2B head's width although the tokenizer is the
+    same. Those rows are never a training target, so their probability is negligible and dropping them only
+    renormalises the softmax over real tokens. Whether the narrower width really is a shared tokenizer is
+    :func:`check_same_tokenizer`'s job; this function cannot tell.
+    """
+    width = min(t_logits.shape[-1], s_logits.shape[-1])
+    return t_logits[..., :width], s_logits[..., :width]
+
+
+_SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _special_ids(tokenizer, size: int) -> dict[str, int]:
+    tokens = getattr(tokenizer, "all_special_tokens", None) or []
+    ids = tokenizer.convert_tokens_to_ids(list(tokens)) if tokens else []
+    return {tok: i for tok, i in zip(tokens, ids, strict=True) if i is not None and i < size}
+
+
+def check_same_tokenizer(tok_a, tok_b, max_report: int = 5) -> int:
+    """Refuse a teacher / student pair whose tokenizers disagree on the shared ids; return the shared size.
+
+    Compared on ids below ``min(len(tok_a), len(tok_b))``: the token each id spells, which of them are
+    special tokens, and the bos / eos / pad / unk roles. Entries beyond the shorter tokenizer (added padding
+    tokens) are allowed, since :func:`shared_vocab` drops them. Raises ``ValueError`` naming the first
+    differing ids, because comparing distributions over differently-indexed vocabularies would train on
+    noise without any error.
+    """
+    size = min(len(tok_a), len(tok_b))
+    by_id_a = {i: t for t, i in tok_a.get_vocab().items() if i < size}
+    by_id_b = {i: t for t, i in tok_b.get_vocab().items() if i < size}
+    differing = sorted(i for i in set(by_id_a) | set(by_id_b) if by_id_a.get(i) != by_id_b.get(i))
+    problems = []
+    if differing:
+        shown = ", ".join(f"{i}: {by_id_a.get(i)!r} vs {by_id_b.get(i)!r}" for i in differing[:max_report])
+        more = f" (and {len(differing) - max_report} more)" if len(differing) > max_report else ""
+        problems.append(f"{len(differing)} of the {size} shared ids spell different tokens: {shown}{more}")
+    special_a, special_b = _special_ids(tok_a, size), _special_ids(tok_b, size)
+    if special_a != special_b:
+        problems.append(f"special tokens differ: {sorted(special_a.items())} vs {sorted(special_b.items())}")
+    for role in _SPECIAL_ROLES:
+        a, b = getattr(tok_a, role, None), getattr(tok_b, role, None)
+        if a != b:
+            problems.append(f"{role} differs: {a!r} vs {b!r}")
+    if problems:
+        raise ValueError(
+            "teacher and student tokenizers differ, so their vocabulary distributions are not comparable:\n  "
+            + "\n  ".join(problems)
+        )
+    return size
