@@ -32,9 +32,15 @@ def _base_type(tp):
     return tp
 
 
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # Required options first in --help: a step's config lists its shared training knobs before them.
+    fields = sorted(dataclasses.fields(cls), key=lambda f: not _is_required(f))
+    for f in fields:
         tp = _base_type(hints[f.name])
         name = prefix + f.name
         if dataclasses.is_dataclass(tp):
@@ -80,7 +86,7 @@ def build_config(cls, args: argparse.Namespace, file_values: dict | None = None,
             value = file_values.get(f.name, None)
         if value is not None:
             kwargs[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif _is_required(f):
             raise SystemExit(f"missing required option {_flag(name)} (or '{f.name}' in --config)")
     return cls(**kwargs)
 
@@ -144,6 +150,13 @@ def _cmd_verbalize(cfg):
         print(format_verbalized(lines))
 
 
+def _cmd_interact(cfg):
+    from vlsi.interact import train_interaction
+
+    summary = train_interaction(cfg)
+    print(json.dumps(summary, indent=2))
+
+
 def format_metrics(metrics: dict) -> str:
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} records (skipped {metrics.get('skipped', 0)})"
@@ -155,6 +168,7 @@ def format_metrics(metrics: dict) -> str:
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from vlsi.evaluate import EvalConfig
+    from vlsi.interact import InteractConfig
     from vlsi.pipeline import BaselinesConfig
     from vlsi.sft import SFTConfig
     from vlsi.synth import SynthConfig
@@ -172,6 +186,11 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             "tiny setting: synth, tiny, SFT teacher+student, eval",
         ),
         "verbalize-train": (VerbalizeConfig, _cmd_verbalize_train, "train the verbalizers (VLsI step 1)"),
+        "interact": (
+            InteractConfig,
+            _cmd_interact,
+            "distil matched teacher layers into the student's verbalized layers (VLsI step 2)",
+        ),
         "verbalize": (
             InspectConfig,
             _cmd_verbalize,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, field
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from vlsi.checkpointing import fingerprint
 from vlsi.data import BatchStream, ChatDataset, collate
 from vlsi.losses import count_response_tokens
+from vlsi.optim import build_optimizer
 
 
 def mixed_precision(precision: str) -> str:
@@ -46,3 +51,57 @@ def global_response_tokens(accelerator: Accelerator, micro_batches: list[dict]) 
         sum(count_response_tokens(b["labels"]) for b in micro_batches), device=accelerator.device
     )
     return accelerator.reduce(n, "sum").clamp(min=1)
+
+
+@dataclass(kw_only=True)
+class TrainingArgs:
+    """The knobs every training step shares; each step's config adds its own fields to these.
+
+    keyword-only so a step's required fields (model, data, out) can follow these defaults.
+    """
+
+    image_root: str | None = field(default=None, metadata={"help": "image folder (default: the data file's)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data when --max-steps is 0"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the cosine (paper: 1e-6)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for new weights, data order and sampling"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
+    log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
+
+
+# Settings that do not change what a run computes, so a resume may differ in them.
+BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+
+
+def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
+    """AdamW + schedule over ``module``'s trainable parameters and the data order, prepared by accelerate.
+
+    Returns (module, optimizer, scheduler, stream, total_steps).
+    """
+    world = accelerator.num_processes
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_records / per_step))
+    optimizer, scheduler = build_optimizer(
+        module.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
+    )
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    stream = BatchStream(n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world)
+    return module, optimizer, scheduler, stream, total
+
+
+def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (), **extra) -> str:
+    """What a checkpoint must have been written with to be resumed exactly."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in (*BOOKKEEPING, *ignore)}
+    return fingerprint(dict(settings, world=world, **extra))

@@ -10,43 +10,38 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from vlsi.backbone import family_for, get_module
-from vlsi.checkpointing import CheckpointManager, fingerprint
-from vlsi.data import BatchStream, ChatDataset, Encoder
+from vlsi.checkpointing import CheckpointManager
+from vlsi.data import ChatDataset, Encoder
 from vlsi.export import export_checkpoint, load_model
 from vlsi.losses import response_cross_entropy
-from vlsi.optim import build_optimizer
 from vlsi.processing import VLProcessor
-from vlsi.runtime import global_response_tokens, make_accelerator, model_inputs, next_batch
+from vlsi.runtime import (
+    TrainingArgs,
+    global_response_tokens,
+    make_accelerator,
+    model_inputs,
+    next_batch,
+    prepare_training,
+    run_fingerprint,
+)
 
 log = logging.getLogger("vlsi.sft")
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(TrainingArgs):
     model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
-    image_root: str | None = field(default=None, metadata={"help": "image folder (default: the data file's)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the data when --max-steps is 0"})
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
-    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the cosine (paper: 1e-6)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM, merged on save"})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
@@ -54,14 +49,6 @@ class SFTConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward"}
     )
-    precision: str = field(
-        default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed for weights of new modules, data order and dropout"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
-    log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
 
 
 def apply_lora(model, rank: int, alpha: int, seed: int):
@@ -91,21 +78,8 @@ def train_sft(cfg: SFTConfig) -> dict:
             model.enable_input_require_grads()
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     world = accelerator.num_processes
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(dataset) / per_step))
-    optimizer, scheduler = build_optimizer(
-        model.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    stream = BatchStream(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index, world)
-
-    settings = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k not in ("out", "save_every", "keep_checkpoints", "resume", "log_every")
-    }
-    settings["world"] = world
-    fp = fingerprint(settings)
+    model, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, model, len(dataset))
+    fp = run_fingerprint(cfg, world)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step, tokens_seen = 0, 0
     if cfg.resume and (latest := ckpts.latest()) is not None:

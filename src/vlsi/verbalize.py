@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +30,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlsi.backbone import Backbone, parse_layers, target_layers
-from vlsi.checkpointing import CheckpointManager, fingerprint
-from vlsi.data import BatchStream, ChatDataset, Encoder, collate
+from vlsi.checkpointing import CheckpointManager
+from vlsi.data import ChatDataset, Encoder, collate
 from vlsi.evaluate import generate_answers
 from vlsi.export import load_model
-from vlsi.optim import build_optimizer
 from vlsi.processing import VLProcessor
-from vlsi.runtime import global_response_tokens, make_accelerator, mixed_precision, model_inputs, next_batch
+from vlsi.runtime import (
+    TrainingArgs,
+    global_response_tokens,
+    make_accelerator,
+    mixed_precision,
+    model_inputs,
+    next_batch,
+    prepare_training,
+    run_fingerprint,
+)
 from vlsi.verbalizer import (
     VerbalizerConfig,
     Verbalizers,
@@ -52,12 +60,11 @@ log = logging.getLogger("vlsi.verbalize")
 SHALLOW_DEPTH = 12
 
 
-@dataclass
-class VerbalizeConfig:
+@dataclass(kw_only=True)
+class VerbalizeConfig(TrainingArgs):
     model: str = field(metadata={"help": "checkpoint path or hub id of the (frozen) backbone"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: verbalizers, metrics.json, verbalized_depth.png"})
-    image_root: str | None = field(default=None, metadata={"help": "image folder (default: the data file's)"})
     layers: str = field(
         default="",
         metadata={
@@ -74,20 +81,8 @@ class VerbalizeConfig:
     use_norm: bool = field(
         default=True, metadata={"help": "trainable copy of the final norm before the head [design]"}
     )
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
-    epochs: float = field(
-        default=1.0, metadata={"help": "passes over the training split when --max-steps is 0"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-5, metadata={"help": "final learning rate of the cosine"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (pulls the verbalizers toward the logit lens)"}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
-    max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
     eval_data: str | None = field(
         default=None, metadata={"help": "held-out file; default: the last --eval-fraction of --data"}
     )
@@ -98,14 +93,6 @@ class VerbalizeConfig:
     eval_max_records: int = field(
         default=512, metadata={"help": "measure on at most this many held-out records (0 = all)"}
     )
-    precision: str = field(
-        default="auto", metadata={"help": "auto | bf16 | fp32 (bf16 also loads the frozen backbone in bf16)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed for verbalizer weights and data order"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
-    log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
 
 
 def default_layers(num_layers: int, start: int | None = None, every: int | None = None) -> list[int]:
@@ -260,18 +247,10 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     encoder = Encoder(processor, cfg.max_length)
     dataset, n_train, held, held_idx = _splits(cfg, encoder)
     world = accelerator.num_processes
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
-    optimizer, scheduler = build_optimizer(
-        verbalizers.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
+    loss_module, optimizer, scheduler, stream, total = prepare_training(
+        accelerator, cfg, VerbalizedLoss(verbalizers), n_train
     )
-    loss_module, optimizer, scheduler = accelerator.prepare(VerbalizedLoss(verbalizers), optimizer, scheduler)
-    stream = BatchStream(n_train, cfg.batch_size, cfg.seed, accelerator.process_index, world)
-
-    skip = ("out", "save_every", "keep_checkpoints", "resume", "log_every", "eval_max_records")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    settings.update(world=world, target_layers=layers)
-    fp = fingerprint(settings)
+    fp = run_fingerprint(cfg, world, ignore=("eval_max_records",), target_layers=layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step = 0
     if cfg.resume and (latest := ckpts.latest()) is not None:

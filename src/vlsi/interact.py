@@ -1,0 +1,420 @@
+"""VLsI step 2 (interaction): the student's verbalized layers learn from matched teacher layers.
+
+Per micro-batch (METHOD.md, Algorithm 1):
+
+1. The frozen teacher runs once under ``no_grad``; its hidden states at its verbalizers' target layers and
+   its last layer are kept at response positions only (``[N, D]`` each, never ``[B, T, V]``).
+2. The student runs with its graph; its verbalizers give ``[N, V]`` logits per target layer.
+3. Every (student layer, teacher layer) pair is scored, detached, with the KL averaged over the micro-batch's
+   response tokens; :func:`vlsi.matching.match_layers` picks the pairs with a seeded CPU generator.
+4. Only the chosen pairs are recomputed with the graph (intermediate op ``--il``), plus the last-layer op
+   ``--ll`` between the teacher's and the student's own output logits, plus ``--ar-weight`` x the student's
+   next-token cross-entropy. The sum is divided by the response tokens of the whole accumulation window
+   across processes, as in :mod:`vlsi.sft`.
+
+The student backbone (or only its LoRA adapters) and its verbalizers are trained by one optimizer. Every
+match is recorded: ``match_log.jsonl`` (main process, one line per step) and ``matches.json`` plus heat maps
+of how often each student layer took each teacher layer in the first and the last 10% of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlsi.backbone import Backbone
+from vlsi.checkpointing import CheckpointManager
+from vlsi.data import ChatDataset, Encoder
+from vlsi.divergences import check_same_tokenizer, divergence, shared_vocab
+from vlsi.export import export_checkpoint, load_model
+from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
+from vlsi.processing import VLProcessor
+from vlsi.runtime import (
+    TrainingArgs,
+    global_response_tokens,
+    make_accelerator,
+    mixed_precision,
+    model_inputs,
+    next_batch,
+    prepare_training,
+    run_fingerprint,
+)
+from vlsi.sft import apply_lora
+from vlsi.verbalizer import Verbalizers, base_model_info, response_states
+
+log = logging.getLogger("vlsi.interact")
+
+IL_OPS = ("kld", "ce", "l2", "none")
+LL_OPS = ("kld", "ce", "none")
+KL_DIRECTIONS = ("forward_kl", "reverse_kl", "jsd")
+# Share of the run at each end whose matches make the "first" and "last" heat maps.
+WINDOW_FRACTION = 0.1
+
+_MATCHING = {f.name: f for f in dataclasses.fields(MatchingConfig)}
+
+
+def _matching_field(name: str):
+    # The matching options are MatchingConfig's own, flattened so the flags read --strategy, --k, ...
+    return field(default=_MATCHING[name].default, metadata=_MATCHING[name].metadata)
+
+
+@dataclass(kw_only=True)
+class InteractConfig(TrainingArgs):
+    teacher: str = field(metadata={"help": "checkpoint path of the (frozen) teacher"})
+    teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
+    student: str = field(metadata={"help": "checkpoint path of the student to train"})
+    student_verbalizers: str = field(metadata={"help": "the student's verbalizers ('vlsi verbalize-train')"})
+    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    out: str = field(metadata={"help": "output directory: student checkpoint, verbalizers/, matches.json"})
+    lora: bool = field(
+        default=False, metadata={"help": "train LoRA adapters (merged on save) instead of the whole student"}
+    )
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
+    il: str = field(
+        default="kld",
+        metadata={"help": "intermediate-layer op: kld | ce (to the labels) | l2 | none (paper: kld)"},
+    )
+    ll: str = field(default="kld", metadata={"help": "last-layer op: kld | ce (to the labels) | none"})
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "what kld means, for the loss and the matching scores: forward_kl | reverse_kl | jsd"
+        },
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "mixture weight of --divergence jsd"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the divergences"})
+    strategy: str = _matching_field("strategy")
+    search_range: bool = _matching_field("search_range")
+    order_preservation: bool = _matching_field("order_preservation")
+    adaptive_temperature: bool = _matching_field("adaptive_temperature")
+    temperature: float = _matching_field("temperature")
+    scale: float = _matching_field("scale")
+    k: int = _matching_field("k")
+    ar_weight: float = field(
+        default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
+    )
+
+    def matching(self) -> MatchingConfig:
+        return MatchingConfig(**{name: getattr(self, name) for name in _MATCHING if hasattr(self, name)})
+
+    def validate(self) -> None:
+        for name, value, valid in (
+            ("--il", self.il, IL_OPS),
+            ("--ll", self.ll, LL_OPS),
+            ("--divergence", self.divergence, KL_DIRECTIONS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
+        if self.il == "none" and self.ll == "none" and self.ar_weight == 0:
+            raise ValueError("--il none --ll none --ar-weight 0 leaves nothing to train on")
+
+
+# (layer, or "final" for the model's own output; states [N, D]) -> logits [N, V]
+Reader = Callable[[int | str, torch.Tensor], torch.Tensor]
+
+
+def reader(backbone: Backbone, verbalizers: Verbalizers) -> Reader:
+    def read(layer: int | str, states: torch.Tensor) -> torch.Tensor:
+        if layer == "final":
+            return backbone.lm_head(backbone.final_norm(states))
+        return verbalizers.logits(layer, states)
+
+    return read
+
+
+class InteractionLoss(nn.Module):
+    """The student and its verbalizers, whose forward is one micro-batch's summed loss.
+
+    One module so that DDP sees every trained parameter's forward; the teacher is an argument, not a
+    submodule, so it is neither wrapped, saved in checkpoints nor handed to the optimizer.
+    """
+
+    def __init__(self, student: nn.Module, verbalizers: Verbalizers, cfg: InteractConfig):
+        super().__init__()
+        self.student = student
+        self.verbalizers = verbalizers
+        self.cfg = cfg
+        self.matching = cfg.matching()
+        self.score_fn = divergence(cfg.divergence, cfg.jsd_beta)
+        self.il_fn = divergence("l2") if cfg.il == "l2" else self.score_fn
+        backbone = Backbone(student)
+        self._read = reader(backbone, verbalizers)
+        self._last = backbone.num_layers - 1
+        # A plain attribute: Backbone only holds references to modules registered above.
+        self.backbone = backbone
+
+    def forward(
+        self,
+        batch: dict,
+        teacher_states: dict[int | str, torch.Tensor],
+        teacher_read: Reader,
+        teacher_layers: list[int],
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Match | None]:
+        """Summed loss (caller normalises), its detached parts, and the match (None when --il none)."""
+        cfg, tau = self.cfg, self.cfg.kd_temperature
+        layers = self.verbalizers.layers
+        hidden, _ = self.backbone.hidden_states(
+            sorted({*layers, self._last}), **model_inputs(batch), use_cache=False, logits_to_keep=1
+        )
+        zero = hidden[self._last].new_zeros((), dtype=torch.float32)
+        parts = {"il": zero, "ll": zero, "ar": zero}
+        final_states, target = response_states(hidden[self._last], batch["labels"])
+        n_tokens = max(1, target.numel())
+        match = None
+
+        if cfg.il != "none":
+            student_logits = [
+                self._read(layer, response_states(hidden[layer], batch["labels"])[0]) for layer in layers
+            ]
+            with torch.no_grad():
+                kl = zero.new_zeros(len(layers), len(teacher_layers))  # one device sync, in match_layers
+                for j, t_layer in enumerate(teacher_layers):
+                    t_logits = teacher_read(t_layer, teacher_states[t_layer])
+                    for i, s_logits in enumerate(student_logits):
+                        kl[i, j] = self.score_fn(*shared_vocab(t_logits, s_logits.detach()), tau) / n_tokens
+            match = match_layers(kl, self.matching, generator)
+            for i_s, i_l, weight in match.terms():
+                if cfg.il == "ce":
+                    term = F.cross_entropy(student_logits[i_s].float(), target, reduction="sum")
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher_read(teacher_layers[i_l], teacher_states[teacher_layers[i_l]])
+                    term = self.il_fn(*shared_vocab(t_logits, student_logits[i_s]), tau)
+                parts["il"] = parts["il"] + weight * term
+
+        if cfg.ll != "none" or cfg.ar_weight:
+            s_final = self._read("final", final_states)
+            if cfg.ll == "kld":
+                with torch.no_grad():
+                    t_final = teacher_read("final", teacher_states["final"])
+                parts["ll"] = self.score_fn(*shared_vocab(t_final, s_final), tau)
+            elif cfg.ll == "ce":
+                parts["ll"] = F.cross_entropy(s_final.float(), target, reduction="sum")
+            if cfg.ar_weight:
+                parts["ar"] = F.cross_entropy(s_final.float(), target, reduction="sum")
+        loss = parts["il"] + parts["ll"] + cfg.ar_weight * parts["ar"]
+        return loss, {k: v.detach() for k, v in parts.items()}, match
+
+
+@torch.no_grad()
+def teacher_response_states(
+    backbone: Backbone, layers: list[int], batch: dict
+) -> dict[int | str, torch.Tensor]:
+    """The teacher's hidden states at response positions, [N, D] per target layer and "final"."""
+    last = backbone.num_layers - 1
+    hidden, _ = backbone.hidden_states(
+        sorted({*layers, last}), **model_inputs(batch), use_cache=False, logits_to_keep=1
+    )
+    states: dict[int | str, torch.Tensor] = {
+        layer: response_states(hidden[layer], batch["labels"])[0] for layer in layers
+    }
+    states["final"] = response_states(hidden[last], batch["labels"])[0]
+    return states
+
+
+def plot_matches(counts: list[list[int]], teacher_layers, student_layers, title: str, path) -> Path:
+    """Student rows x teacher columns heat map of how often each pair was matched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(teacher_layers), 1 + 0.5 * len(student_layers)))
+    image = ax.imshow(counts, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(teacher_layers)), [str(x) for x in teacher_layers])
+    ax.set_yticks(range(len(student_layers)), [str(x) for x in student_layers])
+    ax.set_xlabel("teacher layer")
+    ax.set_ylabel("student layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="matches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _load_teacher(cfg: InteractConfig, device) -> tuple[Backbone, Verbalizers]:
+    # A frozen teacher needs no fp32 master weights; bf16 halves its memory.
+    dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
+    model = load_model(cfg.teacher, dtype=dtype).to(device).eval().requires_grad_(False)
+    backbone = Backbone(model)
+    verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).eval().requires_grad_(False)
+    return backbone, verbalizers
+
+
+def train_interaction(cfg: InteractConfig) -> dict:
+    cfg.validate()
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.precision, cfg.seed)
+    processor = VLProcessor.from_pretrained(cfg.student)
+    # Comparing distributions over differently-indexed vocabularies would train on noise without an error.
+    check_same_tokenizer(VLProcessor.from_pretrained(cfg.teacher).tokenizer, processor.tokenizer)
+
+    teacher, teacher_verbalizers = _load_teacher(cfg, accelerator.device)
+    teacher_read = reader(teacher, teacher_verbalizers)
+    teacher_layers = teacher_verbalizers.layers
+    student = load_model(cfg.student, dtype=torch.float32)
+    if cfg.lora:
+        student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    verbalizers = Verbalizers.load(cfg.student_verbalizers, Backbone(student))
+    if cfg.il == "none":
+        # Unused parameters would stall DDP's gradient reduction.
+        verbalizers.requires_grad_(False)
+    student_layers = verbalizers.layers
+    loss_module = InteractionLoss(student, verbalizers, cfg)
+
+    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    world = accelerator.num_processes
+    loss_module, optimizer, scheduler, stream, total = prepare_training(
+        accelerator, cfg, loss_module, len(dataset)
+    )
+    generator = torch.Generator().manual_seed(cfg.seed * 1000003 + accelerator.process_index)
+
+    t_s, t_l = len(student_layers), len(teacher_layers)
+    counts = {
+        "first": torch.zeros(t_s, t_l, dtype=torch.int64),
+        "last": torch.zeros(t_s, t_l, dtype=torch.int64),
+    }
+    window = max(1, math.ceil(WINDOW_FRACTION * total))
+
+    fp = run_fingerprint(cfg, world, teacher_layers=teacher_layers, student_layers=student_layers)
+    ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
+    step, tokens_seen = 0, 0
+    if cfg.resume and (latest := ckpts.latest()) is not None:
+        state = ckpts.load(accelerator, latest, fp)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        stream.load(state["data"])
+        mine = state["per_process"][accelerator.process_index]
+        generator.set_state(torch.tensor(mine["generator"], dtype=torch.uint8))
+        counts = {k: torch.tensor(mine[k], dtype=torch.int64) for k in counts}
+        log.info("resumed from %s at step %d", latest, step)
+
+    loss_module.train()
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="interact",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    log_file, match_file = out / "train_log.jsonl", out / "match_log.jsonl"
+    start, run_tokens, history = time.perf_counter(), 0, []
+    while step < total:
+        micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
+        n_resp = global_response_tokens(accelerator, micro)
+        sums = torch.zeros(3)  # il, ll, ar, summed over the window
+        step_total, matches, window_tokens = 0.0, [], 0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                teacher_states = teacher_response_states(teacher, teacher_layers, batch)
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(loss_module)
+            with sync, accelerator.autocast():
+                loss_sum, parts, match = loss_module(
+                    batch, teacher_states, teacher_read, teacher_layers, generator
+                )
+                # DDP averages gradients over processes; scaling by world makes it a global token mean.
+                loss = loss_sum * world / n_resp
+            accelerator.backward(loss)
+            sums += torch.tensor([parts["il"].item(), parts["ll"].item(), parts["ar"].item()])
+            step_total += loss_sum.item()
+            window_tokens += int(batch["attention_mask"].sum())
+            if match is not None:
+                matches.append(match)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += window_tokens
+        run_tokens += window_tokens
+
+        if step <= window:
+            counts["first"] += match_counts(matches, t_s, t_l)
+        if step > total - window:
+            counts["last"] += match_counts(matches, t_s, t_l)
+        scale = world / n_resp.item()
+        il, ll, ar = (sums * scale).tolist()
+        history.append({"loss": step_total * scale, "il": il, "ll": ll, "ar": ar})
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{history[-1]['loss']:.3f}",
+            il=f"{il:.3f}",
+            ll=f"{ll:.3f}",
+            tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}",
+        )
+        if accelerator.is_main_process:
+            if matches:
+                row = {"step": step, "teacher_index": [m.teacher_index for m in matches]}
+                with match_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if step % cfg.log_every == 0 or step == total:
+                recent = history[-cfg.log_every :]
+                row = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
+                row = {"step": step, **row, "lr": scheduler.get_last_lr()[0]}
+                with log_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            mine = {"generator": generator.get_state().tolist(), **{k: v.tolist() for k, v in counts.items()}}
+            state = {
+                "fingerprint": fp,
+                "tokens_seen": tokens_seen,
+                "data": stream.state(),
+                # Each process samples its own matches; all of them are needed for an exact resume.
+                "per_process": gather_object([mine]),
+            }
+            ckpts.save(accelerator, step, state)
+    bar.close()
+
+    totals = {
+        k: accelerator.reduce(v.to(accelerator.device), "sum").cpu().tolist() for k, v in counts.items()
+    }
+    recent = history[-10:]
+    summary = {
+        "steps": step,
+        "final_loss": sum(h["loss"] for h in recent) / len(recent) if recent else None,
+        "final_loss_parts": {k: sum(h[k] for h in recent) / len(recent) for k in ("il", "ll", "ar")}
+        if recent
+        else None,
+        "tokens_seen": tokens_seen,
+        "seconds": round(time.perf_counter() - start, 1),
+        "records": len(dataset),
+        **dataset.skips.summary(),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(loss_module)
+        trained.verbalizers.save(out / "verbalizers", base_model_info(trained.backbone))
+        matches_json = {
+            "teacher_layers": teacher_layers,
+            "student_layers": student_layers,
+            **totals,
+            "steps": step,
+            "window_steps": window,
+            "micro_batches_per_step": cfg.grad_accum * world,
+        }
+        (out / "matches.json").write_text(json.dumps(matches_json, indent=2))
+        for key in ("first", "last"):
+            title = f"{key} {window} of {total} steps"
+            plot_matches(totals[key], teacher_layers, student_layers, title, out / f"matches_{key}.png")
+        export_checkpoint(trained.student, processor, out, extra={"interact": summary})
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
