@@ -105,3 +105,35 @@ def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_models, synt
     after = Qwen2VLForConditionalGeneration.from_pretrained(out).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.visual."))
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_no_resume_starts_clean(tmp_path, tiny_models, synth_data):
+    out = tmp_path / "run"
+    data = synth_data / "train.json"
+    assert (
+        main(
+            _sft(
+                tiny_models["student"], data, out, "--max-steps 4 --batch-size 4 --save-every 1 --log-every 1"
+            )
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    options = "--max-steps 2 --batch-size 4 --save-every 1 --log-every 1 --lr 5e-3 --no-resume"
+    assert main(_sft(tiny_models["student"], data, out, options)) == 0
+    # The old run's later checkpoints and log rows are gone, not left to outrank the new ones.
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_yaml_config_values_take_the_option_types(tmp_path, tiny_models, synth_data):
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model: {tiny_models['student']}\ndata: {synth_data / 'train.json'}\nlr: 1e-3\nmax_steps: 1\n"
+    )
+    assert main(["sft", "--config", str(config), "--out", str(tmp_path / "o"), "--batch-size", "2"]) == 0
+    assert json.loads((tmp_path / "o" / "train_summary.json").read_text())["steps"] == 1
+    config.write_text("lr: fast\n")
+    with pytest.raises(SystemExit, match="'lr' must be a float"):
+        main(["sft", "--config", str(config), "--model", "m", "--data", "d", "--out", "o"])

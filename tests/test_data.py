@@ -102,6 +102,7 @@ def test_dataset_skips_and_counts_bad_records_with_a_named_warning(processor, fo
         items = [ds[i] for i in range(len(ds))] + [ds[1]]  # a second visit must not double count
     assert items[0] is not None and items[1] is None and items[2] is None
     assert ds.skips.total == 2
+    assert ds.skips.summary()["skipped_by_reason"] == {"image not found": 1, "no assistant ('gpt') turn": 1}
     assert "record 1 (id 'gone')" in caplog.text and "image not found" in caplog.text
     batch = collate(items, processor.pad_token_id)
     assert batch["input_ids"].shape[0] == 1

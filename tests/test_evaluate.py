@@ -21,6 +21,10 @@ def test_multiple_choice_letters_and_option_text():
     assert is_correct("blue square", "B", MC)
     assert not is_correct("A", "B", MC)
     assert not is_correct("green cross", "B", MC)
+    # A leading article is not an option letter.
+    mc_a = "Which?\nA. red circle\nB. a blue square"
+    assert not is_correct("A blue square", "A", mc_a)
+    assert is_correct("A blue square", "B", mc_a)
 
 
 def test_summary_has_per_skill_accuracy_and_majority_chance():

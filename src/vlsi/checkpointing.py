@@ -29,6 +29,8 @@ class CheckpointMismatch(ValueError):
 
 class CheckpointManager:
     def __init__(self, root: str | Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"--keep-checkpoints must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
 
@@ -60,6 +62,24 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
+    def resume_or_reset(self, accelerator, resume: bool, expected_fingerprint: str, logs=()) -> dict | None:
+        """The latest checkpoint's state (None if there is none), or, with ``resume`` off, a clean start:
+        old checkpoints and logs removed, so they can neither outrank nor mix with the new run's.
+        Log rows past the resumed step are dropped: those steps are about to be run again."""
+        latest = self.latest() if resume else None
+        if latest is None:
+            if accelerator.is_main_process:
+                shutil.rmtree(self.root, ignore_errors=True)
+                for log in logs:
+                    Path(log).unlink(missing_ok=True)
+            accelerator.wait_for_everyone()
+            return None
+        state = self.load(accelerator, latest, expected_fingerprint)
+        if accelerator.is_main_process:
+            for log in logs:
+                _truncate_log(Path(log), state["step"])
+        return state
+
     def load(self, accelerator, path: Path, expected_fingerprint: str) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
         if state.get("fingerprint") != expected_fingerprint:
@@ -70,3 +90,10 @@ class CheckpointManager:
             )
         accelerator.load_state(str(path))
         return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(row + "\n" for row in rows))

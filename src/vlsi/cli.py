@@ -64,6 +64,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = 
             )
 
 
+def _coerce(value, tp, name: str):
+    """YAML reads some values as another type than the option's (PyYAML: `1e-4` is a string)."""
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SystemExit(f"config: '{name}' must be true or false, got {value!r}")
+        return value
+    try:
+        return tp(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"config: '{name}' must be a {tp.__name__}, got {value!r}") from None
+
+
 def build_config(cls, args: argparse.Namespace, file_values: dict | None = None, prefix: str = ""):
     """Config from (lowest to highest priority) dataclass defaults, the YAML file, then flags."""
     hints = typing.get_type_hints(cls)
@@ -82,8 +94,8 @@ def build_config(cls, args: argparse.Namespace, file_values: dict | None = None,
             kwargs[f.name] = build_config(tp, args, nested_file, prefix=name + "_")
             continue
         value = getattr(args, name, None)
-        if value is None:
-            value = file_values.get(f.name, None)
+        if value is None and file_values.get(f.name) is not None:
+            value = _coerce(file_values[f.name], tp, f.name)
         if value is not None:
             kwargs[f.name] = value
         elif _is_required(f):
@@ -157,6 +169,16 @@ def _cmd_interact(cfg):
     print(json.dumps(summary, indent=2))
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    return values
+
+
 def format_metrics(metrics: dict) -> str:
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} records (skipped {metrics.get('skipped', 0)})"
@@ -212,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         add_dataclass_arguments(p, cls)
     args = parser.parse_args(argv)
     cls, run, _ = commands[args.command]
-    file_values = yaml.safe_load(args.config.read_text()) if args.config else None
-    cfg = build_config(cls, args, file_values)
     try:
+        file_values = _read_config(args.config) if args.config else None
+        cfg = build_config(cls, args, file_values)
         run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         # Errors that name a bad input are for the user, not a traceback (VLSI_DEBUG=1 shows it).
         if os.environ.get("VLSI_DEBUG"):
             raise

@@ -35,7 +35,12 @@ class DataFileError(ValueError):
 
 
 class RecordError(ValueError):
-    """One record cannot be used; it is skipped and counted."""
+    """One record cannot be used; it is skipped and counted under ``reason`` (a fixed label, while the
+    message names the specific file, turn or count)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def load_records(path: str | Path) -> list[dict]:
@@ -76,7 +81,7 @@ def image_paths(record: dict, base: Path) -> list[Path]:
         return []
     items = image if isinstance(image, list) else [image]
     if not all(isinstance(p, str) and p for p in items):
-        raise RecordError(f"'image' must be a path or a list of paths, got {image!r}")
+        raise RecordError(f"'image' must be a path or a list of paths, got {image!r}", "bad image field")
     return [base / p for p in items]
 
 
@@ -90,10 +95,10 @@ def to_messages(record: dict, num_images: int) -> list[dict]:
     messages = []
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise RecordError(f"turn {i} needs a string 'value'")
+            raise RecordError(f"turn {i} needs a string 'value'", "malformed turn")
         role = ROLES.get(turn.get("from"))
         if role is None:
-            raise RecordError(f"turn {i} has unknown speaker {turn.get('from')!r}")
+            raise RecordError(f"turn {i} has unknown speaker {turn.get('from')!r}", "unknown speaker")
         messages.append({"role": role, "text": turn["value"]})
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no assistant ('gpt') turn")
@@ -107,7 +112,7 @@ def to_messages(record: dict, num_images: int) -> list[dict]:
         first = next(m for m in messages if m["role"] == "user")
         first["text"] = IMAGE_PLACEHOLDER * num_images + "\n" + first["text"]
     elif placed != num_images:
-        raise RecordError(f"{placed} '<image>' placeholders but {num_images} images")
+        raise RecordError(f"{placed} '<image>' placeholders but {num_images} images", "image count mismatch")
     return [{"role": m["role"], "content": _content_parts(m["text"])} for m in messages]
 
 
@@ -132,9 +137,9 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
         except FileNotFoundError:
-            raise RecordError(f"image not found: {p}") from None
+            raise RecordError(f"image not found: {p}", "image not found") from None
         except Exception as e:  # PIL raises several types for corrupt files
-            raise RecordError(f"unreadable image {p}: {e}") from None
+            raise RecordError(f"unreadable image {p}: {e}", "unreadable image") from None
     return images
 
 
@@ -164,7 +169,7 @@ class Encoder:
         enc = self.processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         if len(ids) > self.max_length:
-            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}")
+            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")
         labels = [
             tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
             for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
@@ -181,7 +186,7 @@ class Encoder:
         prompt = self._expand(self.processor.render(messages[:-1], add_generation_prompt=True), counts)
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
-            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}")
+            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")
         return {**self._token_fields(ids), **image_inputs}, answer
 
     def _token_fields(self, ids: list[int]) -> dict:
@@ -205,7 +210,7 @@ class SkipLog:
     seen: set = field(default_factory=set)
 
     def skip(self, source: str, index: int, record, error: Exception) -> None:
-        reason = str(error).split(":")[0]
+        reason = getattr(error, "reason", None) or str(error)
         if (source, index) not in self.seen:
             self.seen.add((source, index))
             self.counts[reason] += 1

@@ -24,7 +24,8 @@ from vlsi.processing import VLProcessor
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _OPTION = re.compile(r"^\s*\(?([A-Z])[\).:]\s*(.+?)\s*$", re.MULTILINE)
-_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[\).:]|\s|$)")
+# "B", "B.", "B)", "(B) text", "B: text" -- but not the article in "A red circle".
+_LETTER = re.compile(r"^(?:\(([A-Z])\)|([A-Z])(?:[).:]|$))")
 
 
 @dataclass
@@ -58,7 +59,7 @@ def is_correct(prediction: str, reference: str, question: str = "") -> bool:
         letter = ref.strip("().")
         m = _LETTER.match(prediction.strip())
         if m:
-            return m.group(1) == letter
+            return (m.group(1) or m.group(2)) == letter
         # An answer that spells out the option's text also counts.
         return letter in choices and normalize(prediction) == normalize(choices[letter])
     return normalize(prediction) == normalize(ref)

@@ -2,8 +2,9 @@
 
 The exported student must load with the stock Hugging Face class and nothing else, so LoRA
 adapters are merged and the files are the ordinary ``save_pretrained`` ones plus the processor.
-Exports are atomic: files are written to a temporary folder next to the target and moved into
-place one by one, with ``export_complete.json`` written last as the marker that the folder is whole.
+Exports are marker-checked: files are written to a temporary folder next to the target and moved
+into place one by one, with ``export_complete.json`` removed first and written last, so a folder with
+the marker is whole.
 """
 
 from __future__ import annotations

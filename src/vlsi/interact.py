@@ -295,14 +295,14 @@ def train_interaction(cfg: InteractConfig) -> dict:
     fp = run_fingerprint(cfg, world, teacher_layers=teacher_layers, student_layers=student_layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step, tokens_seen = 0, 0
-    if cfg.resume and (latest := ckpts.latest()) is not None:
-        state = ckpts.load(accelerator, latest, fp)
+    log_file, match_file = out / "train_log.jsonl", out / "match_log.jsonl"
+    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file, match_file])) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         stream.load(state["data"])
         mine = state["per_process"][accelerator.process_index]
         generator.set_state(torch.tensor(mine["generator"], dtype=torch.uint8))
         counts = {k: torch.tensor(mine[k], dtype=torch.int64) for k in counts}
-        log.info("resumed from %s at step %d", latest, step)
+        log.info("resumed at step %d", step)
 
     loss_module.train()
     bar = tqdm(
@@ -313,7 +313,6 @@ def train_interaction(cfg: InteractConfig) -> dict:
         dynamic_ncols=True,
     )
     out.mkdir(parents=True, exist_ok=True)
-    log_file, match_file = out / "train_log.jsonl", out / "match_log.jsonl"
     start, run_tokens, history = time.perf_counter(), 0, []
     while step < total:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]

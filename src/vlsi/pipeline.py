@@ -22,7 +22,7 @@ from vlsi.tiny import TinyConfig, build_tiny
 class BaselinesConfig:
     out: str = field(default="runs/tiny", metadata={"help": "run directory"})
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
-    train: int = field(default=6000, metadata={"help": "synthetic train records"})
+    train: int = field(default=6000, metadata={"help": "synthetic train questions"})
     test: int = field(default=500, metadata={"help": "synthetic test records"})
     steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for each base model"})
     batch_size: int = field(default=32, metadata={"help": "SFT batch size"})
@@ -62,10 +62,13 @@ def run_baselines(cfg: BaselinesConfig) -> dict:
     root = Path(cfg.out)
     data, models = root / "data", root / "models"
     t0 = time.perf_counter()
-    if _stage(data / "test.json", "synthetic data"):
+    # Markers are written after the stage's last file, so a stage killed half-way runs again.
+    if _stage(data / "synth_complete", "synthetic data"):
         generate(SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed))
-    if _stage(models / "student" / "config.json", "tiny teacher and student"):
+        (data / "synth_complete").touch()
+    if _stage(models / "tiny_complete", "tiny teacher and student"):
         build_tiny(TinyConfig(out=str(models), seed=cfg.seed))
+        (models / "tiny_complete").touch()
     names = ["teacher", "student"] if cfg.student else ["teacher"]
     results = {}
     for name in names:

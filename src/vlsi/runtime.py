@@ -19,7 +19,10 @@ def mixed_precision(precision: str) -> str:
     """auto -> bf16 on GPUs that have it, else fp32 ("no")."""
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": "bf16", "fp32": "no"}[precision]
+    choices = {"bf16": "bf16", "fp32": "no"}
+    if precision not in choices:
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    return choices[precision]
 
 
 def make_accelerator(precision: str, seed: int) -> Accelerator:

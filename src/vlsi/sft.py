@@ -82,17 +82,16 @@ def train_sft(cfg: SFTConfig) -> dict:
     fp = run_fingerprint(cfg, world)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step, tokens_seen = 0, 0
-    if cfg.resume and (latest := ckpts.latest()) is not None:
-        state = ckpts.load(accelerator, latest, fp)
+    log_file = out / "train_log.jsonl"
+    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         stream.load(state["data"])
-        log.info("resumed from %s at step %d", latest, step)
+        log.info("resumed at step %d", step)
 
     model.train()
     bar = tqdm(
         total=total, initial=step, desc="sft", disable=not accelerator.is_main_process, dynamic_ncols=True
     )
-    log_file = out / "train_log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     start, run_tokens, losses = time.perf_counter(), 0, []
     while step < total:

@@ -253,11 +253,11 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     fp = run_fingerprint(cfg, world, ignore=("eval_max_records",), target_layers=layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step = 0
-    if cfg.resume and (latest := ckpts.latest()) is not None:
-        state = ckpts.load(accelerator, latest, fp)
+    log_file = out / "train_log.jsonl"
+    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
         step = state["step"]
         stream.load(state["data"])
-        log.info("resumed from %s at step %d", latest, step)
+        log.info("resumed at step %d", step)
 
     loss_module.train()
     bar = tqdm(
@@ -268,7 +268,6 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
         dynamic_ncols=True,
     )
     out.mkdir(parents=True, exist_ok=True)
-    log_file = out / "train_log.jsonl"
     start, history = time.perf_counter(), []
     while step < total:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
