@@ -47,6 +47,9 @@ def export_checkpoint(model, processor, out: str | Path, extra: dict | None = No
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         (out / MARKER).unlink(missing_ok=True)
+        # Weight shards of an earlier export would otherwise sit beside the new index.
+        for stale in [*out.glob("model*.safetensors*"), *out.glob("pytorch_model*.bin*")]:
+            stale.unlink()
         for item in tmp.iterdir():
             target = out / item.name
             if target.is_dir():

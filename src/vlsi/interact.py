@@ -86,7 +86,10 @@ class InteractConfig(TrainingArgs):
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
     il: str = field(
         default="kld",
-        metadata={"help": "intermediate-layer op: kld | ce (to the labels) | l2 | none (paper: kld)"},
+        metadata={
+            "help": "intermediate-layer op against the matched teacher layer: kld | ce (soft, teacher as "
+            "target) | l2 | none (paper: kld)"
+        },
     )
     ll: str = field(default="kld", metadata={"help": "last-layer op: kld | ce (to the labels) | none"})
     divergence: str = field(
@@ -104,12 +107,13 @@ class InteractConfig(TrainingArgs):
     temperature: float = _matching_field("temperature")
     scale: float = _matching_field("scale")
     k: int = _matching_field("k")
+    eps: float = _matching_field("eps")
     ar_weight: float = field(
         default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
     )
 
     def matching(self) -> MatchingConfig:
-        return MatchingConfig(**{name: getattr(self, name) for name in _MATCHING if hasattr(self, name)})
+        return MatchingConfig(**{name: getattr(self, name) for name in _MATCHING})
 
     def validate(self) -> None:
         for name, value, valid in (
@@ -150,7 +154,8 @@ class InteractionLoss(nn.Module):
         self.cfg = cfg
         self.matching = cfg.matching()
         self.score_fn = divergence(cfg.divergence, cfg.jsd_beta)
-        self.il_fn = divergence("l2") if cfg.il == "l2" else self.score_fn
+        # ce and l2 compare with the matched teacher layer too, so the matching matters for every op.
+        self.il_fn = divergence(cfg.il) if cfg.il in ("ce", "l2") else self.score_fn
         backbone = Backbone(student)
         self._read = reader(backbone, verbalizers)
         self._last = backbone.num_layers - 1
@@ -189,12 +194,9 @@ class InteractionLoss(nn.Module):
                         kl[i, j] = self.score_fn(*shared_vocab(t_logits, s_logits.detach()), tau) / n_tokens
             match = match_layers(kl, self.matching, generator)
             for i_s, i_l, weight in match.terms():
-                if cfg.il == "ce":
-                    term = F.cross_entropy(student_logits[i_s].float(), target, reduction="sum")
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher_read(teacher_layers[i_l], teacher_states[teacher_layers[i_l]])
-                    term = self.il_fn(*shared_vocab(t_logits, student_logits[i_s]), tau)
+                with torch.no_grad():
+                    t_logits = teacher_read(teacher_layers[i_l], teacher_states[teacher_layers[i_l]])
+                term = self.il_fn(*shared_vocab(t_logits, student_logits[i_s]), tau)
                 parts["il"] = parts["il"] + weight * term
 
         if cfg.ll != "none" or cfg.ar_weight:
