@@ -44,3 +44,18 @@ def test_checkpoint_files_are_the_ordinary_ones(tiny_models):
     # 48 px, 8 px patches merged 2x2: one visual token per 16 px board cell.
     assert out["image_grid_thw"].tolist() == [[1, 6, 6]]
     assert torch.isfinite(out["pixel_values"]).all()
+
+
+def test_layer_states_through_the_output_head_give_the_models_logits(tiny_models, processor, synth_data):
+    from vlsi.backbone import Backbone
+    from vlsi.data import Encoder, collate, load_records
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["teacher"]).eval()
+    records = load_records(synth_data / "test.json")[:2]
+    batch = collate([Encoder(processor).encode(r, synth_data) for r in records], processor.pad_token_id)
+    backbone = Backbone(model)
+    last = backbone.num_layers - 1
+    with torch.no_grad():
+        states = backbone.layer_states([last], batch)
+        expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert torch.allclose(backbone.output_logits(states[last]), expected, atol=1e-5)

@@ -242,3 +242,14 @@ class Backbone:
         if missing:
             raise RuntimeError(f"decoder layers {missing} did not run during the forward pass")
         return {idx: captured[idx] for idx in wanted}, output
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token logits from its last layer's state: ``lm_head(final_norm(h))``."""
+        return self.lm_head(self.final_norm(hidden))
+
+    def layer_states(self, layers: Sequence[int], batch: dict) -> dict[int, torch.Tensor]:
+        """Hidden states ``[B, T, D]`` of ``layers`` for a collated batch (labels ignored). The model's
+        own ``[B, T, V]`` logits are cut to one position: callers read only the states."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden, _ = self.hidden_states(layers, **inputs, use_cache=False, logits_to_keep=1)
+        return hidden

@@ -47,7 +47,6 @@ from vlsi.runtime import (
     global_response_tokens,
     make_accelerator,
     mixed_precision,
-    model_inputs,
     next_batch,
     prepare_training,
     run_fingerprint,
@@ -134,7 +133,7 @@ Reader = Callable[[int | str, torch.Tensor], torch.Tensor]
 def reader(backbone: Backbone, verbalizers: Verbalizers) -> Reader:
     def read(layer: int | str, states: torch.Tensor) -> torch.Tensor:
         if layer == "final":
-            return backbone.lm_head(backbone.final_norm(states))
+            return backbone.output_logits(states)
         return verbalizers.logits(layer, states)
 
     return read
@@ -173,9 +172,7 @@ class InteractionLoss(nn.Module):
         """Summed loss (caller normalises), its detached parts, and the match (None when --il none)."""
         cfg, tau = self.cfg, self.cfg.kd_temperature
         layers = self.verbalizers.layers
-        hidden, _ = self.backbone.hidden_states(
-            sorted({*layers, self._last}), **model_inputs(batch), use_cache=False, logits_to_keep=1
-        )
+        hidden = self.backbone.layer_states(sorted({*layers, self._last}), batch)
         zero = hidden[self._last].new_zeros((), dtype=torch.float32)
         parts = {"il": zero, "ll": zero, "ar": zero}
         final_states, target = response_states(hidden[self._last], batch["labels"])
@@ -219,9 +216,7 @@ def teacher_response_states(
 ) -> dict[int | str, torch.Tensor]:
     """The teacher's hidden states at response positions, [N, D] per target layer and "final"."""
     last = backbone.num_layers - 1
-    hidden, _ = backbone.hidden_states(
-        sorted({*layers, last}), **model_inputs(batch), use_cache=False, logits_to_keep=1
-    )
+    hidden = backbone.layer_states(sorted({*layers, last}), batch)
     states: dict[int | str, torch.Tensor] = {
         layer: response_states(hidden[layer], batch["labels"])[0] for layer in layers
     }

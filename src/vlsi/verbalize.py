@@ -40,7 +40,6 @@ from vlsi.runtime import (
     global_response_tokens,
     make_accelerator,
     mixed_precision,
-    model_inputs,
     next_batch,
     prepare_training,
     run_fingerprint,
@@ -152,13 +151,11 @@ def measure_depth(
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            hidden, _ = backbone.hidden_states(
-                sorted({*layers, last}), **model_inputs(batch), use_cache=False, logits_to_keep=1
-            )
+            hidden = backbone.layer_states(sorted({*layers, last}), batch)
             for key in [*layers, "final"]:
                 states, target = response_states(hidden[last if key == "final" else key], batch["labels"])
                 if key == "final":
-                    logits = backbone.lm_head(backbone.final_norm(states)).float()  # [N, V]
+                    logits = backbone.output_logits(states).float()  # [N, V]
                 else:
                     logits = verbalizers.logits(key, states).float()  # [N, V]
                 loss_sum[key] += F.cross_entropy(logits, target, reduction="sum").item()
@@ -276,10 +273,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with torch.no_grad(), accelerator.autocast():
-                # logits_to_keep=1: the backbone's own [B, T, V] logits are not needed here.
-                hidden, _ = backbone.hidden_states(
-                    layers, **model_inputs(batch), use_cache=False, logits_to_keep=1
-                )
+                hidden = backbone.layer_states(layers, batch)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(loss_module)
             with sync, accelerator.autocast():
                 per_layer = loss_module(hidden, batch["labels"])
@@ -379,7 +373,7 @@ def greedy_from_layer(backbone: Backbone, read, layer: int, prompt: dict, eos_id
     batch = {k: v.to(device) for k, v in collate([dict(prompt)], pad_id=0).items()}
     new: list[int] = []
     for _ in range(max_new_tokens):
-        hidden, _ = backbone.hidden_states([layer], **batch, use_cache=False, logits_to_keep=1)
+        hidden = backbone.layer_states([layer], batch)
         token = int(read(hidden[layer][:, -1]).argmax(-1))
         if token == eos_id:
             break
