@@ -19,7 +19,6 @@ of how often each student layer took each teacher layer in the first and the las
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
-from tqdm.auto import tqdm
 
 from vlsi.backbone import Backbone
 from vlsi.checkpointing import CheckpointManager
@@ -44,11 +42,15 @@ from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
+    append_jsonl,
     global_response_tokens,
+    grad_sync,
     make_accelerator,
     mixed_precision,
     next_batch,
+    optimizer_step,
     prepare_training,
+    progress_bar,
     run_fingerprint,
 )
 from vlsi.sft import apply_lora
@@ -302,13 +304,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         log.info("resumed at step %d", step)
 
     loss_module.train()
-    bar = tqdm(
-        total=total,
-        initial=step,
-        desc="interact",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(accelerator, total, step, "interact")
     out.mkdir(parents=True, exist_ok=True)
     start, run_tokens, history = time.perf_counter(), 0, []
     while step < total:
@@ -320,7 +316,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 teacher_states = teacher_response_states(teacher, teacher_layers, batch)
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(loss_module)
+            sync = grad_sync(accelerator, loss_module, i, len(micro))
             with sync, accelerator.autocast():
                 loss_sum, parts, match = loss_module(
                     batch, teacher_states, teacher_read, teacher_layers, generator
@@ -333,11 +329,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
             window_tokens += int(batch["attention_mask"].sum())
             if match is not None:
                 matches.append(match)
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens
@@ -359,14 +351,12 @@ def train_interaction(cfg: InteractConfig) -> dict:
         if accelerator.is_main_process:
             if matches:
                 row = {"step": step, "teacher_index": [m.teacher_index for m in matches]}
-                with match_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(match_file, row)
             if step % cfg.log_every == 0 or step == total:
                 recent = history[-cfg.log_every :]
                 row = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
                 row = {"step": step, **row, "lr": scheduler.get_last_lr()[0]}
-                with log_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(log_file, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             mine = {"generator": generator.get_state().tolist(), **{k: v.tolist() for k, v in counts.items()}}
             state = {

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from vlsi.checkpointing import fingerprint
 from vlsi.data import BatchStream, ChatDataset, collate
@@ -108,3 +112,30 @@ def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (),
     """What a checkpoint must have been written with to be resumed exactly."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in (*BOOKKEEPING, *ignore)}
     return fingerprint(dict(settings, world=world, **extra))
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+
+
+def grad_sync(accelerator: Accelerator, module: torch.nn.Module, index: int, count: int):
+    """DDP gradient sync only on the last micro-batch of an accumulation window."""
+    return contextlib.nullcontext() if index == count - 1 else accelerator.no_sync(module)
+
+
+def optimizer_step(
+    accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, max_grad_norm: float
+):
+    """Clip (if asked), step the optimizer and the schedule, clear the gradients."""
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -7,7 +7,6 @@ tokens in the whole accumulation window across all processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -16,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from vlsi.backbone import family_for, get_module
 from vlsi.checkpointing import CheckpointManager
@@ -26,11 +24,15 @@ from vlsi.losses import response_cross_entropy
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
+    append_jsonl,
     global_response_tokens,
+    grad_sync,
     make_accelerator,
     model_inputs,
     next_batch,
+    optimizer_step,
     prepare_training,
+    progress_bar,
     run_fingerprint,
 )
 
@@ -89,9 +91,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         log.info("resumed at step %d", step)
 
     model.train()
-    bar = tqdm(
-        total=total, initial=step, desc="sft", disable=not accelerator.is_main_process, dynamic_ncols=True
-    )
+    bar = progress_bar(accelerator, total, step, "sft")
     out.mkdir(parents=True, exist_ok=True)
     start, run_tokens, losses = time.perf_counter(), 0, []
     while step < total:
@@ -101,7 +101,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         step_loss = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            sync = grad_sync(accelerator, model, i, len(micro))
             with sync, accelerator.autocast():
                 logits = model(**model_inputs(batch), use_cache=False).logits
                 loss_sum = response_cross_entropy(logits, batch["labels"])
@@ -110,11 +110,7 @@ def train_sft(cfg: SFTConfig) -> dict:
             accelerator.backward(loss)
             step_loss += loss_sum.item()
             window_tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens
@@ -129,8 +125,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
             recent = losses[-cfg.log_every :]
             row = {"step": step, "loss": sum(recent) / len(recent), "lr": scheduler.get_last_lr()[0]}
-            with log_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(log_file, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpts.save(
                 accelerator, step, {"fingerprint": fp, "tokens_seen": tokens_seen, "data": stream.state()}

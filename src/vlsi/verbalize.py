@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from vlsi.backbone import Backbone, parse_layers, target_layers
 from vlsi.checkpointing import CheckpointManager
@@ -37,11 +36,15 @@ from vlsi.export import load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
+    append_jsonl,
     global_response_tokens,
+    grad_sync,
     make_accelerator,
     mixed_precision,
     next_batch,
+    optimizer_step,
     prepare_training,
+    progress_bar,
     run_fingerprint,
 )
 from vlsi.verbalizer import (
@@ -257,13 +260,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
         log.info("resumed at step %d", step)
 
     loss_module.train()
-    bar = tqdm(
-        total=total,
-        initial=step,
-        desc="verbalize",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(accelerator, total, step, "verbalize")
     out.mkdir(parents=True, exist_ok=True)
     start, history = time.perf_counter(), []
     while step < total:
@@ -274,18 +271,14 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with torch.no_grad(), accelerator.autocast():
                 hidden = backbone.layer_states(layers, batch)
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(loss_module)
+            sync = grad_sync(accelerator, loss_module, i, len(micro))
             with sync, accelerator.autocast():
                 per_layer = loss_module(hidden, batch["labels"])
                 # DDP averages gradients over processes; scaling by world makes each a global token mean.
                 loss = sum(per_layer.values()) * world / n_resp
             accelerator.backward(loss)
             step_sums += torch.tensor([per_layer[layer].item() for layer in layers])
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
         history.append((step_sums * world / n_resp.item()).tolist())
         bar.update(1)
@@ -297,8 +290,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
                 "lr": scheduler.get_last_lr()[0],
                 "loss": dict(zip(map(str, layers), recent, strict=True)),
             }
-            with log_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(log_file, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpts.save(accelerator, step, {"fingerprint": fp, "data": stream.state()})
     bar.close()
