@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +34,20 @@ from torch import nn
 
 from vlsi.backbone import Backbone
 from vlsi.checkpointing import CheckpointManager
+from vlsi.chunked import (
+    DEFAULT_CHUNK_TOKENS,
+    LABELS,
+    LOSS_IMPLS,
+    Term,
+    chunked_unsupported,
+    head_losses,
+    head_weight,
+    score_chunk_tokens,
+    score_matrix,
+)
 from vlsi.data import ChatDataset, Encoder
 from vlsi.divergences import check_same_tokenizer, divergence, shared_vocab
+from vlsi.engines import prepare_frozen, whole_load, whole_weights
 from vlsi.export import export_checkpoint, load_model
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.processing import VLProcessor
@@ -53,7 +64,7 @@ from vlsi.runtime import (
     progress_bar,
     run_fingerprint,
 )
-from vlsi.sft import apply_lora
+from vlsi.sft import apply_lora, enable_gradient_checkpointing
 from vlsi.verbalizer import Verbalizers, base_model_info, response_states
 
 log = logging.getLogger("vlsi.interact")
@@ -73,18 +84,17 @@ def _matching_field(name: str):
 
 
 @dataclass(kw_only=True)
-class InteractConfig(TrainingArgs):
-    teacher: str = field(metadata={"help": "checkpoint path of the (frozen) teacher"})
-    teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
-    student: str = field(metadata={"help": "checkpoint path of the student to train"})
-    student_verbalizers: str = field(metadata={"help": "the student's verbalizers ('vlsi verbalize-train')"})
-    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
-    out: str = field(metadata={"help": "output directory: student checkpoint, verbalizers/, matches.json"})
+class InteractSettings(TrainingArgs):
+    """How to interact, without on what: ``vlsi distill`` fills in the models, verbalizers, data and output."""
+
     lora: bool = field(
         default=False, metadata={"help": "train LoRA adapters (merged on save) instead of the whole student"}
     )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute the student's activations in backward"}
+    )
     il: str = field(
         default="kld",
         metadata={
@@ -112,6 +122,17 @@ class InteractConfig(TrainingArgs):
     ar_weight: float = field(
         default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
     )
+    loss_impl: str = field(
+        default="chunked",
+        metadata={
+            "help": "verbalized losses: chunked (response tokens in chunks, logits never stored; vlsi.chunked) "
+            "| reference (whole [N, V] logits per layer, kept for tests and benchmarks)"
+        },
+    )
+    loss_chunk_tokens: int = field(
+        default=DEFAULT_CHUNK_TOKENS,
+        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
+    )
 
     def matching(self) -> MatchingConfig:
         return MatchingConfig(**{name: getattr(self, name) for name in _MATCHING})
@@ -121,24 +142,48 @@ class InteractConfig(TrainingArgs):
             ("--il", self.il, IL_OPS),
             ("--ll", self.ll, LL_OPS),
             ("--divergence", self.divergence, KL_DIRECTIONS),
+            ("--loss-impl", self.loss_impl, LOSS_IMPLS),
         ):
             if value not in valid:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
         if self.il == "none" and self.ll == "none" and self.ar_weight == 0:
             raise ValueError("--il none --ll none --ar-weight 0 leaves nothing to train on")
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"--loss-chunk-tokens must be >= 1, got {self.loss_chunk_tokens}")
 
 
-# (layer, or "final" for the model's own output; states [N, D]) -> logits [N, V]
-Reader = Callable[[int | str, torch.Tensor], torch.Tensor]
+@dataclass(kw_only=True)
+class InteractConfig(InteractSettings):
+    teacher: str = field(metadata={"help": "checkpoint path of the (frozen) teacher"})
+    teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
+    student: str = field(metadata={"help": "checkpoint path of the student to train"})
+    student_verbalizers: str = field(metadata={"help": "the student's verbalizers ('vlsi verbalize-train')"})
+    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    out: str = field(metadata={"help": "output directory: student checkpoint, verbalizers/, matches.json"})
 
 
-def reader(backbone: Backbone, verbalizers: Verbalizers) -> Reader:
-    def read(layer: int | str, states: torch.Tensor) -> torch.Tensor:
+class Reader:
+    """``read(layer, states [N, D]) -> logits [N, V]``: a target layer through its verbalizer, or "final" (the
+    model's own output) through the final norm, then the shared language head. The chunked losses take the
+    two halves apart: :meth:`features` (small, ``[N, D]``) and the head."""
+
+    def __init__(self, backbone: Backbone, verbalizers: Verbalizers):
+        self.backbone = backbone
+        self.verbalizers = verbalizers
+
+    @property
+    def head(self) -> nn.Module:
+        return self.backbone.lm_head
+
+    def features(self, layer: int | str, states: torch.Tensor) -> torch.Tensor:
         if layer == "final":
-            return backbone.output_logits(states)
-        return verbalizers.logits(layer, states)
+            return self.backbone.final_norm(states)
+        return self.verbalizers.features(layer, states)
 
-    return read
+    def __call__(self, layer: int | str, states: torch.Tensor) -> torch.Tensor:
+        if layer == "final":
+            return self.backbone.output_logits(states)
+        return self.verbalizers.logits(layer, states)
 
 
 class InteractionLoss(nn.Module):
@@ -158,10 +203,11 @@ class InteractionLoss(nn.Module):
         # ce and l2 compare with the matched teacher layer too, so the matching matters for every op.
         self.il_fn = divergence(cfg.il) if cfg.il in ("ce", "l2") else self.score_fn
         backbone = Backbone(student)
-        self._read = reader(backbone, verbalizers)
+        self._read = Reader(backbone, verbalizers)
         self._last = backbone.num_layers - 1
         # A plain attribute: Backbone only holds references to modules registered above.
         self.backbone = backbone
+        self._warned = False
 
     def forward(
         self,
@@ -172,19 +218,33 @@ class InteractionLoss(nn.Module):
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Match | None]:
         """Summed loss (caller normalises), its detached parts, and the match (None when --il none)."""
-        cfg, tau = self.cfg, self.cfg.kd_temperature
         layers = self.verbalizers.layers
         hidden = self.backbone.layer_states(sorted({*layers, self._last}), batch)
-        zero = hidden[self._last].new_zeros((), dtype=torch.float32)
-        parts = {"il": zero, "ll": zero, "ar": zero}
+        states = {layer: response_states(hidden[layer], batch["labels"])[0] for layer in layers}
         final_states, target = response_states(hidden[self._last], batch["labels"])
+        losses = self._reference_losses
+        if self.cfg.loss_impl == "chunked":
+            reason = chunked_unsupported(self.backbone.lm_head) or chunked_unsupported(teacher_read.head)
+            if reason is None:
+                losses = self._chunked_losses
+            elif not self._warned:
+                log.warning("--loss-impl chunked: %s; using the reference losses", reason)
+                self._warned = True
+        return losses(states, final_states, target, teacher_states, teacher_read, teacher_layers, generator)
+
+    def _reference_losses(
+        self, states, final_states, target, teacher_states, teacher_read, teacher_layers, generator
+    ):
+        """The straightforward losses on whole [N, V] logits: every student layer's logits and graphs at once."""
+        cfg, tau = self.cfg, self.cfg.kd_temperature
+        layers = self.verbalizers.layers
+        zero = final_states.new_zeros((), dtype=torch.float32)
+        parts = {"il": zero, "ll": zero, "ar": zero}
         n_tokens = max(1, target.numel())
         match = None
 
         if cfg.il != "none":
-            student_logits = [
-                self._read(layer, response_states(hidden[layer], batch["labels"])[0]) for layer in layers
-            ]
+            student_logits = [self._read(layer, states[layer]) for layer in layers]
             with torch.no_grad():
                 kl = zero.new_zeros(len(layers), len(teacher_layers))  # one device sync, in match_layers
                 for j, t_layer in enumerate(teacher_layers):
@@ -210,6 +270,58 @@ class InteractionLoss(nn.Module):
                 parts["ar"] = F.cross_entropy(s_final.float(), target, reduction="sum")
         loss = parts["il"] + parts["ll"] + cfg.ar_weight * parts["ar"]
         return loss, {k: v.detach() for k, v in parts.items()}, match
+
+    def _chunked_losses(
+        self, states, final_states, target, teacher_states, teacher_read, teacher_layers, generator
+    ):
+        """The same losses through :mod:`vlsi.chunked`: only [chunk, V] logits ever exist, scores carry no graph."""
+        cfg, tau, chunk = self.cfg, self.cfg.kd_temperature, self.cfg.loss_chunk_tokens
+        s_head, t_head = head_weight(self.backbone.lm_head), head_weight(teacher_read.head)
+        n_tokens = max(1, target.numel())
+        terms: list[Term] = []
+        part_of: list[str] = []  # which logged part each term adds to
+        match = None
+
+        if cfg.il != "none":
+            features = [self._read.features(layer, states[layer]) for layer in self.verbalizers.layers]
+            with torch.no_grad():
+                t_features = [teacher_read.features(layer, teacher_states[layer]) for layer in teacher_layers]
+                scores = score_matrix(
+                    [f.detach() for f in features],
+                    s_head,
+                    t_features,
+                    t_head,
+                    cfg.divergence,
+                    beta=cfg.jsd_beta,
+                    tau=tau,
+                    chunk=score_chunk_tokens(chunk, len(features)),
+                )
+            match = match_layers(scores / n_tokens, self.matching, generator)
+            il_op = cfg.il if cfg.il in ("ce", "l2") else cfg.divergence
+            for i_s, i_l, weight in match.terms():
+                terms.append(Term(features[i_s], il_op, weight, t_features[i_l]))
+                part_of.append("il")
+
+        if cfg.ll != "none" or cfg.ar_weight:
+            s_final = self._read.features("final", final_states)
+            if cfg.ll == "kld":
+                with torch.no_grad():
+                    t_final = teacher_read.features("final", teacher_states["final"])
+                terms.append(Term(s_final, cfg.divergence, 1.0, t_final))
+                part_of.append("ll")
+            elif cfg.ll == "ce":
+                terms.append(Term(s_final, LABELS, 1.0, target=target))
+                part_of.append("ll")
+            if cfg.ar_weight:
+                terms.append(Term(s_final, LABELS, cfg.ar_weight, target=target))
+                part_of.append("ar")
+
+        loss, values = head_losses(terms, s_head, t_head, tau=tau, beta=cfg.jsd_beta, chunk=chunk)
+        # Logged parts as the reference reports them: il weighted by the match, ar before --ar-weight.
+        parts = dict.fromkeys(("il", "ll", "ar"), values.new_zeros(()))
+        for term, part, value in zip(terms, part_of, values, strict=True):
+            parts[part] = parts[part] + (term.weight * value if part == "il" else value)
+        return loss, parts, match
 
 
 @torch.no_grad()
@@ -247,13 +359,20 @@ def plot_matches(counts: list[list[int]], teacher_layers, student_layers, title:
     return Path(path)
 
 
-def _load_teacher(cfg: InteractConfig, device) -> tuple[Backbone, Verbalizers]:
+def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalizers]:
+    """The frozen teacher and its verbalizers, placed for inference under the run's engine (whole per process
+    under DDP, decoder layers sharded under FSDP2, partitioned by its own ZeRO-3 engine under DeepSpeed); it is
+    never handed to the optimizer nor saved in checkpoints."""
     # A frozen teacher needs no fp32 master weights; bf16 halves its memory.
     dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
-    model = load_model(cfg.teacher, dtype=dtype).to(device).eval().requires_grad_(False)
+    with whole_load(accelerator):
+        model = load_model(cfg.teacher, dtype=dtype)
     backbone = Backbone(model)
+    # Loaded while the model is whole: each verbalizer starts from a copy of the final norm.
     verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).eval().requires_grad_(False)
-    return backbone, verbalizers
+    # The same modules run either way; under DeepSpeed the forward goes through the teacher's own engine.
+    backbone.model = prepare_frozen(accelerator, model, backbone.layers)
+    return backbone, verbalizers.to(accelerator.device)
 
 
 def train_interaction(cfg: InteractConfig) -> dict:
@@ -264,12 +383,12 @@ def train_interaction(cfg: InteractConfig) -> dict:
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error.
     check_same_tokenizer(VLProcessor.from_pretrained(cfg.teacher).tokenizer, processor.tokenizer)
 
-    teacher, teacher_verbalizers = _load_teacher(cfg, accelerator.device)
-    teacher_read = reader(teacher, teacher_verbalizers)
-    teacher_layers = teacher_verbalizers.layers
-    student = load_model(cfg.student, dtype=torch.float32)
+    with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
+        student = load_model(cfg.student, dtype=torch.float32)
     if cfg.lora:
         student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student, cfg.lora)
     verbalizers = Verbalizers.load(cfg.student_verbalizers, Backbone(student))
     if cfg.il == "none":
         # Unused parameters would stall DDP's gradient reduction.
@@ -282,6 +401,10 @@ def train_interaction(cfg: InteractConfig) -> dict:
     loss_module, optimizer, scheduler, stream, total = prepare_training(
         accelerator, cfg, loss_module, len(dataset)
     )
+    # After the student: DeepSpeed builds the teacher's engine from the config the student's prepare completed.
+    teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
+    teacher_read = Reader(teacher, teacher_verbalizers)
+    teacher_layers = teacher_verbalizers.layers
     generator = torch.Generator().manual_seed(cfg.seed * 1000003 + accelerator.process_index)
 
     t_s, t_l = len(student_layers), len(teacher_layers)
@@ -385,22 +508,24 @@ def train_interaction(cfg: InteractConfig) -> dict:
         **dataset.skips.summary(),
     }
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trained = accelerator.unwrap_model(loss_module)
-        trained.verbalizers.save(out / "verbalizers", base_model_info(trained.backbone))
-        matches_json = {
-            "teacher_layers": teacher_layers,
-            "student_layers": student_layers,
-            **totals,
-            "steps": step,
-            "window_steps": window,
-            "micro_batches_per_step": cfg.grad_accum * world,
-        }
-        (out / "matches.json").write_text(json.dumps(matches_json, indent=2))
-        for key in ("first", "last"):
-            title = f"{key} {window} of {total} steps"
-            plot_matches(totals[key], teacher_layers, student_layers, title, out / f"matches_{key}.png")
-        export_checkpoint(trained.student, processor, out, extra={"interact": summary})
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    # Entered on every process: under FSDP2 / ZeRO-3 gathering the shards is a collective.
+    with whole_weights(accelerator, loss_module):
+        if accelerator.is_main_process:
+            trained = accelerator.unwrap_model(loss_module)
+            trained.verbalizers.save(out / "verbalizers", base_model_info(trained.backbone))
+            matches_json = {
+                "teacher_layers": teacher_layers,
+                "student_layers": student_layers,
+                **totals,
+                "steps": step,
+                "window_steps": window,
+                "micro_batches_per_step": cfg.grad_accum * world,
+            }
+            (out / "matches.json").write_text(json.dumps(matches_json, indent=2))
+            for key in ("first", "last"):
+                title = f"{key} {window} of {total} steps"
+                plot_matches(totals[key], teacher_layers, student_layers, title, out / f"matches_{key}.png")
+            export_checkpoint(trained.student, processor, out, extra={"interact": summary})
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary

@@ -19,6 +19,7 @@ import torch
 from vlsi.backbone import family_for, get_module
 from vlsi.checkpointing import CheckpointManager
 from vlsi.data import ChatDataset, Encoder
+from vlsi.engines import whole_weights
 from vlsi.export import export_checkpoint, load_model
 from vlsi.losses import response_cross_entropy
 from vlsi.processing import VLProcessor
@@ -40,10 +41,9 @@ log = logging.getLogger("vlsi.sft")
 
 
 @dataclass(kw_only=True)
-class SFTConfig(TrainingArgs):
-    model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
-    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
-    out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
+class SFTSettings(TrainingArgs):
+    """How to fine-tune, without what: ``vlsi distill`` fills in the model, data and output of step 3."""
+
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the LLM, merged on save"})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank (paper: 64)"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (paper: 64)"})
@@ -51,6 +51,13 @@ class SFTConfig(TrainingArgs):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward"}
     )
+
+
+@dataclass(kw_only=True)
+class SFTConfig(SFTSettings):
+    model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
+    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
 
 
 def apply_lora(model, rank: int, alpha: int, seed: int):
@@ -65,6 +72,15 @@ def apply_lora(model, rank: int, alpha: int, seed: int):
     return get_peft_model(model, config)
 
 
+def enable_gradient_checkpointing(model, lora: bool) -> None:
+    # Non-reentrant: the layer hooks that read hidden states see the forward once, not again in backward.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        # With frozen embeddings nothing before the first adapter needs a gradient, and the checkpointed
+        # layers would then see inputs without grad and skip their backward.
+        model.enable_input_require_grads()
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
@@ -75,9 +91,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if cfg.lora:
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora:
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model, cfg.lora)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     world = accelerator.num_processes
     model, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, model, len(dataset))
@@ -114,7 +128,11 @@ def train_sft(cfg: SFTConfig) -> dict:
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens
-        losses.append(step_loss / n_resp.item() * world)
+        # The logged loss is the global token mean, not this process's share scaled up.
+        losses.append(
+            accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item()
+            / n_resp.item()
+        )
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(
@@ -141,8 +159,10 @@ def train_sft(cfg: SFTConfig) -> dict:
         **dataset.skips.summary(),
     }
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        export_checkpoint(accelerator.unwrap_model(model), processor, out, extra={"sft": summary})
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    # Entered on every process: under FSDP2 / ZeRO-3 gathering the shards is a collective.
+    with whole_weights(accelerator, model):
+        if accelerator.is_main_process:
+            export_checkpoint(accelerator.unwrap_model(model), processor, out, extra={"sft": summary})
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary

@@ -30,7 +30,9 @@ from torch import nn
 
 from vlsi.backbone import Backbone, parse_layers, target_layers
 from vlsi.checkpointing import CheckpointManager
+from vlsi.chunked import DEFAULT_CHUNK_TOKENS, LOSS_IMPLS, chunked_unsupported
 from vlsi.data import ChatDataset, Encoder, collate
+from vlsi.engines import prepare_frozen, whole_load
 from vlsi.evaluate import generate_answers
 from vlsi.export import load_model
 from vlsi.processing import VLProcessor
@@ -63,19 +65,9 @@ SHALLOW_DEPTH = 12
 
 
 @dataclass(kw_only=True)
-class VerbalizeConfig(TrainingArgs):
-    model: str = field(metadata={"help": "checkpoint path or hub id of the (frozen) backbone"})
-    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
-    out: str = field(metadata={"help": "output directory: verbalizers, metrics.json, verbalized_depth.png"})
-    layers: str = field(
-        default="",
-        metadata={
-            "help": "target layers, e.g. '2,6,10'; empty = --start/--every if given, else start 2 every 4 "
-            f"for models of >= {SHALLOW_DEPTH} layers and every layer but the last for shallower ones"
-        },
-    )
-    start: int | None = field(default=None, metadata={"help": "first target layer (paper: 2)"})
-    every: int | None = field(default=None, metadata={"help": "spacing of target layers (paper: 4)"})
+class VerbalizeSettings(TrainingArgs):
+    """How to train verbalizers, without on what: ``vlsi distill`` fills in model, data, output and layers."""
+
     residual: bool = field(default=True, metadata={"help": "verb-FFN computes h + FFN(h) [design]"})
     zero_init: bool = field(
         default=True, metadata={"help": "zero-init the verb-FFN down projection: untrained = logit lens"}
@@ -95,6 +87,32 @@ class VerbalizeConfig(TrainingArgs):
     eval_max_records: int = field(
         default=512, metadata={"help": "measure on at most this many held-out records (0 = all)"}
     )
+    loss_impl: str = field(
+        default="chunked",
+        metadata={
+            "help": "verbalized CE: chunked (logits never stored; vlsi.chunked) | reference (whole [N, V])"
+        },
+    )
+    loss_chunk_tokens: int = field(
+        default=DEFAULT_CHUNK_TOKENS,
+        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
+    )
+
+
+@dataclass(kw_only=True)
+class VerbalizeConfig(VerbalizeSettings):
+    model: str = field(metadata={"help": "checkpoint path or hub id of the (frozen) backbone"})
+    data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    out: str = field(metadata={"help": "output directory: verbalizers, metrics.json, verbalized_depth.png"})
+    layers: str = field(
+        default="",
+        metadata={
+            "help": "target layers, e.g. '2,6,10'; empty = --start/--every if given, else start 2 every 4 "
+            f"for models of >= {SHALLOW_DEPTH} layers and every layer but the last for shallower ones"
+        },
+    )
+    start: int | None = field(default=None, metadata={"help": "first target layer (paper: 2)"})
+    every: int | None = field(default=None, metadata={"help": "spacing of target layers (paper: 4)"})
 
 
 def default_layers(num_layers: int, start: int | None = None, every: int | None = None) -> list[int]:
@@ -117,17 +135,26 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class VerbalizedLoss(nn.Module):
-    """Per-layer summed response CE; a module so that DDP sees the verbalizers' forward."""
+    """Per-layer summed response CE; a module so that DDP sees the verbalizers' forward.
 
-    def __init__(self, verbalizers: Verbalizers):
+    ``chunk_tokens`` None is the reference loss on whole ``[N, V]`` logits; a number, the chunked one
+    (:mod:`vlsi.chunked`), unless the head does not allow it.
+    """
+
+    def __init__(self, verbalizers: Verbalizers, chunk_tokens: int | None = None):
         super().__init__()
         self.verbalizers = verbalizers
+        if chunk_tokens is not None and (reason := chunked_unsupported(verbalizers.lm_head)) is not None:
+            log.warning("--loss-impl chunked: %s; using the reference loss", reason)
+            chunk_tokens = None
+        self.chunk_tokens = chunk_tokens
 
     def forward(
         self, hidden_by_layer: dict[int, torch.Tensor], labels: torch.Tensor
     ) -> dict[int, torch.Tensor]:
         return {
-            layer: verbalized_ce(self.verbalizers, layer, h, labels) for layer, h in hidden_by_layer.items()
+            layer: verbalized_ce(self.verbalizers, layer, h, labels, self.chunk_tokens)
+            for layer, h in hidden_by_layer.items()
         }
 
 
@@ -220,17 +247,27 @@ def _splits(cfg: VerbalizeConfig, encoder: Encoder) -> tuple[ChatDataset, int, C
     return train, n_train, held, held_idx
 
 
+def _chunk_tokens(cfg: VerbalizeSettings) -> int | None:
+    if cfg.loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"--loss-impl {cfg.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+    if cfg.loss_chunk_tokens < 1:
+        raise ValueError(f"--loss-chunk-tokens must be >= 1, got {cfg.loss_chunk_tokens}")
+    return cfg.loss_chunk_tokens if cfg.loss_impl == "chunked" else None
+
+
 def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> dict:
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
+    chunk_tokens = _chunk_tokens(cfg)
     out = Path(cfg.out)
     precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model)
     if model is None:
         # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
-        model = load_model(cfg.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    model = freeze(model).to(accelerator.device)
+        with whole_load(accelerator):
+            model = load_model(cfg.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    model = freeze(model)
     backbone = Backbone(model)
     layers = resolve_layers(cfg, backbone.num_layers)
     verbalizers = build_verbalizers(
@@ -248,8 +285,11 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     dataset, n_train, held, held_idx = _splits(cfg, encoder)
     world = accelerator.num_processes
     loss_module, optimizer, scheduler, stream, total = prepare_training(
-        accelerator, cfg, VerbalizedLoss(verbalizers), n_train
+        accelerator, cfg, VerbalizedLoss(verbalizers, chunk_tokens), n_train
     )
+    # Placed after the verbalizers copied its final norm (whole) and after DeepSpeed's config was completed;
+    # sharded like step 2's teacher under FSDP2 / ZeRO-3, moved whole to the device otherwise.
+    backbone.model = prepare_frozen(accelerator, model, backbone.layers)
     fp = run_fingerprint(cfg, world, ignore=("eval_max_records",), target_layers=layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step = 0

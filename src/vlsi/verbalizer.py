@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlsi.backbone import Backbone
+from vlsi.chunked import LABELS, Term, head_losses, head_weight
 from vlsi.data import IGNORE_INDEX
 from vlsi.losses import shift_labels
 
@@ -126,11 +127,14 @@ class Verbalizers(nn.Module):
             raise KeyError(f"no verbalizer for layer {layer}; target layers are {self.layers}")
         return self.per_layer[key]
 
+    def features(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., D] -> [..., D]``: what layer ``layer``'s verbalizer hands the shared head, in its dtype."""
+        module = self._module(layer)
+        return module(hidden.to(module.ffn.gate.weight.dtype)).to(self.lm_head.weight.dtype)
+
     def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D] -> [..., V]`` through layer ``layer``'s verbalizer and the shared head."""
-        module = self._module(layer)
-        features = module(hidden.to(module.ffn.gate.weight.dtype))
-        return self.lm_head(features.to(self.lm_head.weight.dtype))
+        return self.lm_head(self.features(layer, hidden))
 
     def log_probs(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.logits(layer, hidden).float(), dim=-1)
@@ -227,13 +231,22 @@ def response_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def verbalized_ce(
-    verbalizers: Verbalizers, layer: int, hidden: torch.Tensor, labels: torch.Tensor
+    verbalizers: Verbalizers,
+    layer: int,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of layer ``layer``'s verbalizer over response tokens.
 
-    The head runs only on the gathered response positions (``[N, V]``, never ``[B, T, V]``). A sum, like
-    :func:`vlsi.losses.response_cross_entropy`, so the caller normalises over the whole accumulation window.
+    The head runs only on the gathered response positions (``[N, V]``, never ``[B, T, V]``); with
+    ``chunk_tokens`` only ``[chunk_tokens, V]`` at a time, through :func:`vlsi.chunked.head_losses` (the
+    logits are not kept for backward). A sum, like :func:`vlsi.losses.response_cross_entropy`, so the caller
+    normalises over the whole accumulation window.
     hidden: [B, T, D]; labels: [B, T].
     """
     states, target = response_states(hidden, labels)
-    return F.cross_entropy(verbalizers.logits(layer, states).float(), target, reduction="sum")
+    if chunk_tokens is None:
+        return F.cross_entropy(verbalizers.logits(layer, states).float(), target, reduction="sum")
+    term = Term(verbalizers.features(layer, states), LABELS, target=target)
+    return head_losses([term], head_weight(verbalizers.lm_head), chunk=chunk_tokens)[0]
