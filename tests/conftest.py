@@ -25,3 +25,22 @@ def processor(tiny_models):
     from vlsi.processing import VLProcessor
 
     return VLProcessor.from_pretrained(tiny_models["teacher"])
+
+
+@pytest.fixture(scope="session")
+def verbalizers(tiny_models, tmp_path_factory):
+    """Untrained verbalizers (= the logit lens) on every layer but the last of each tiny model: enough to
+    drive the matching and the losses of step 2."""
+    import torch
+
+    from vlsi.backbone import Backbone
+    from vlsi.export import load_model
+    from vlsi.verbalizer import base_model_info, build_verbalizers
+
+    root = tmp_path_factory.mktemp("verbalizers")
+    paths = {}
+    for name in ("teacher", "student"):
+        backbone = Backbone(load_model(tiny_models[name], dtype=torch.float32))
+        layers = list(range(backbone.num_layers - 1))
+        paths[name] = build_verbalizers(backbone, layers).save(root / name, base_model_info(backbone))
+    return paths

@@ -8,25 +8,9 @@ import pytest
 import torch
 from transformers import Qwen2VLForConditionalGeneration
 
-from vlsi.backbone import Backbone
 from vlsi.cli import main
-from vlsi.export import load_model
-from vlsi.verbalizer import base_model_info, build_verbalizers
 
 STEPS = 4
-
-
-def _verbalizers(model_dir, out):
-    # Untrained verbalizers are the logit lens; enough to drive the matching and the losses.
-    backbone = Backbone(load_model(model_dir, dtype=torch.float32))
-    build_verbalizers(backbone, list(range(backbone.num_layers - 1))).save(out, base_model_info(backbone))
-    return out
-
-
-@pytest.fixture(scope="module")
-def verbalizers(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verbalizers")
-    return {name: _verbalizers(tiny_models[name], root / name) for name in ("teacher", "student")}
 
 
 def _args(teacher, teacher_verb, student, student_verb, data, out, options: str = "") -> list[str]:

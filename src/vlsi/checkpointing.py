@@ -2,8 +2,11 @@
 
 A checkpoint is ``ROOT/step-NNNNNNN/`` holding accelerate's state (trainable weights, optimizer,
 scheduler, RNG of every process) and ``state.json`` (step, data position, anything the loop adds,
-and the fingerprint of the config that wrote it). It is first written as ``.tmp-step-NNNNNNN`` and
-renamed only when complete, so a run killed mid-write leaves the previous checkpoint intact.
+the fingerprint of the config that wrote it with those settings, and the name and shape of every
+parameter of the prepared modules). It is first written as ``.tmp-step-NNNNNNN`` and renamed only
+when complete, so a run killed mid-write leaves the previous checkpoint intact. A resume is refused,
+before any weight is touched, when the settings differ (the message names them) or the model does
+(another checkpoint put at the same path).
 """
 
 from __future__ import annotations
@@ -17,10 +20,53 @@ from pathlib import Path
 STATE_FILE = "state.json"
 
 
-def fingerprint(settings: dict) -> str:
+class Fingerprint(str):
+    """The hash of a run's settings, carrying the settings so a refusal can name what changed."""
+
+    settings: dict
+
+    def __new__(cls, settings: dict):
+        # Round-tripped through JSON so values compare the same way once read back from state.json.
+        plain = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        blob = json.dumps(plain, sort_keys=True)
+        self = super().__new__(cls, hashlib.sha256(blob.encode()).hexdigest()[:16])
+        self.settings = plain
+        return self
+
+
+def fingerprint(settings: dict) -> Fingerprint:
     """A stable hash of the settings that must match for a resume to be exact."""
-    blob = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return Fingerprint(settings)
+
+
+def model_signature(accelerator) -> dict[str, list[int]]:
+    """Name -> shape of every parameter of the modules accelerate prepared (whole shapes, also when sharded)."""
+    signature = {}
+    for i, model in enumerate(accelerator._models):
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            # ZeRO-3 leaves an empty placeholder in p and the real shape in ds_shape.
+            signature[f"{i}.{name}"] = list(getattr(p, "ds_shape", p.shape))
+    return signature
+
+
+def _settings_diff(saved: dict, now: dict) -> str:
+    keys = sorted(set(saved) | set(now))
+    changed = [
+        f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+        for k in keys
+        if saved.get(k) != now.get(k)
+    ]
+    return "; ".join(changed)
+
+
+def _signature_diff(saved: dict, now: dict, limit: int = 3) -> str:
+    changed = [
+        f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "; ".join(changed[:limit]) + more
 
 
 class CheckpointMismatch(ValueError):
@@ -54,7 +100,10 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(dict(state, step=step), indent=2))
+            state = dict(state, step=step, model=model_signature(accelerator))
+            if isinstance(state.get("fingerprint"), Fingerprint):
+                state["settings"] = state["fingerprint"].settings
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.checkpoints()[: -self.keep]:
@@ -82,11 +131,19 @@ class CheckpointManager:
 
     def load(self, accelerator, path: Path, expected_fingerprint: str) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
+        advice = "use a new --out directory or pass --no-resume to start over"
         if state.get("fingerprint") != expected_fingerprint:
+            changed = ""
+            if "settings" in state and isinstance(expected_fingerprint, Fingerprint):
+                changed = f": {_settings_diff(state['settings'], expected_fingerprint.settings)}"
             raise CheckpointMismatch(
                 f"{path} was written by a run with different settings or model "
-                f"(fingerprint {state.get('fingerprint')} != {expected_fingerprint}); "
-                "use a new --out directory or pass --no-resume to start over"
+                f"(fingerprint {state.get('fingerprint')} != {expected_fingerprint}){changed}; {advice}"
+            )
+        if "model" in state and state["model"] != (now := model_signature(accelerator)):
+            raise CheckpointMismatch(
+                f"{path} was written for another model (same settings and paths, different parameters: "
+                f"{_signature_diff(state['model'], now)}); {advice}"
             )
         accelerator.load_state(str(path))
         return state

@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from vlsi.checkpointing import fingerprint
 from vlsi.data import BatchStream, ChatDataset, collate
+from vlsi.engines import configure_deepspeed
 from vlsi.losses import count_response_tokens
 from vlsi.optim import build_optimizer
 
@@ -29,9 +31,28 @@ def mixed_precision(precision: str) -> str:
     return choices[precision]
 
 
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator_device() -> bool:
+    available = getattr(getattr(torch, "accelerator", None), "is_available", None)
+    return available() if available else torch.cuda.is_available()
+
+
 def make_accelerator(precision: str, seed: int) -> Accelerator:
+    # Launched as several processes on a machine without GPUs (the CI, `configs/accelerate/cpu.yaml`),
+    # accelerate joins them over gloo only when told cpu=True; otherwise each would train alone.
+    cpu = _launched_world() > 1 and not _has_accelerator_device()
     # The scheduler steps once per optimizer step, not once per process.
-    accelerator = Accelerator(mixed_precision=mixed_precision(precision), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(precision), step_scheduler_with_optimizer=False, cpu=cpu
+    )
+    if accelerator.num_processes != _launched_world():
+        raise RuntimeError(
+            f"launched as {_launched_world()} processes but accelerate sees {accelerator.num_processes}; "
+            "each would train alone on the same files (check the accelerate config)"
+        )
     set_seed(seed)
     if accelerator.device.type == "cpu":
         # Tiny weights and Adam states drift into denormal floats, which made CPU steps ~5x slower.
@@ -103,6 +124,8 @@ def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.
     optimizer, scheduler = build_optimizer(
         module.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     stream = BatchStream(n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world)
     return module, optimizer, scheduler, stream, total

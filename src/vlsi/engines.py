@@ -1,0 +1,152 @@
+"""What each distributed engine needs beyond ``accelerator.prepare``: the frozen teacher's placement,
+DeepSpeed's batch settings, and whole weights for loading and exporting a sharded run.
+
+accelerate prepares what is trained (the student, its verbalizers, the optimizer); a frozen model that must
+be sharded but never stepped (the 72B teacher) is left to us, as TRL does for its reference models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
+    """Fills what DeepSpeed reads from a dataloader we do not have, and keeps its stepping ours.
+
+    The loops step once per window and normalise the loss by the window's global tokens themselves;
+    DeepSpeed would instead step per backward and divide the loss by its own accumulation count, so
+    only one micro-batch per step is exact under it.
+    """
+    if cfg.grad_accum != 1:
+        raise ValueError(
+            f"--grad-accum {cfg.grad_accum} is not supported under DeepSpeed (it steps and rescales the loss "
+            "per backward); use --grad-accum 1 with a larger --batch-size, or FSDP2 / DDP"
+        )
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    config["train_batch_size"] = cfg.batch_size * accelerator.num_processes
+    config["gradient_accumulation_steps"] = 1
+    if cfg.max_grad_norm:
+        config["gradient_clipping"] = cfg.max_grad_norm
+
+
+def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: torch.nn.ModuleList):
+    """A frozen model (the teacher) placed for inference under the run's engine; never in the optimizer.
+
+    - single process / DDP: moved to the device, whole on every process (DDP has nothing to synchronise).
+    - FSDP2: each of ``layers`` (the decoder layers, nearly all of a 72B model's weights) is sharded with
+      ``fully_shard`` and gathered only for its own forward; the embeddings, final norm, head and vision
+      tower stay whole on every process, so the verbalizers can call the head outside the model's forward.
+    - DeepSpeed: its own inference engine, no optimizer, ZeRO-3 partitioned when the run is ZeRO-3 and
+      replicated otherwise: what TRL does for reference models.
+
+    Returns what to call for a forward: the model itself, or under DeepSpeed its engine (whose forward marks
+    the pass for ZeRO-3's parameter fetching). Either way ``model``'s submodules are the ones that run.
+    """
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _deepspeed_inference(accelerator, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not getattr(accelerator, "is_fsdp2", False):
+            raise ValueError(
+                "the frozen teacher is sharded with FSDP2; set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
+            )
+        shard_frozen_layers(model, layers)
+    return model.to(accelerator.device)
+
+
+def shard_frozen_layers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:
+    """FSDP2 for inference: each of ``layers`` sharded over all processes, everything else left whole.
+
+    Each layer is all-gathered for its own forward and resharded after it, so a process holds its shards plus
+    one whole layer at a time. The model itself is wrapped too, managing nothing (its other parameters are
+    ignored): without a root above them each layer would be its own root, and FSDP2 keeps a root's parameters
+    whole after forward, expecting a backward that a frozen model never runs. Sharding happens before any move,
+    so only a process's shards reach its device.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    in_layers = {id(p) for p in layers.parameters()}
+    rest = {p for p in model.parameters() if id(p) not in in_layers}
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True, ignored_params=rest)
+
+
+@contextlib.contextmanager
+def whole_weights(accelerator: Accelerator, module: torch.nn.Module):
+    """Every parameter of ``module`` whole (on the main process) while inside: for exporting a sharded run.
+
+    Enter it on all processes (it gathers), then write from the main process only. ZeRO-3 gathers in place and
+    drops the copies on exit. FSDP2's own unshard leaves storage that safetensors cannot read, so each sharded
+    parameter is gathered with ``full_tensor`` and swapped for a plain CPU copy on the main process, the
+    sharded one restored on exit. Elsewhere it does nothing.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+        return
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if isinstance(param, DTensor):
+                full = param.full_tensor()  # a collective: every process takes part
+                if accelerator.is_main_process:
+                    owner._parameters[name] = nn.Parameter(full.detach().cpu(), param.requires_grad)
+                    swapped.append((owner, name, param))
+                del full
+    try:
+        yield
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
+
+
+@contextlib.contextmanager
+def whole_load(accelerator: Accelerator):
+    """``from_pretrained`` inside loads whole weights on each process, also under ZeRO-3 (which would otherwise
+    partition them while loading): the verbalizers copy the final norm of the model they are loaded onto."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
+    # transformers then partitions while loading; unregistered here, registered again after.
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def _deepspeed_inference(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        zero["stage"] = 0  # below ZeRO-3 the teacher is not partitioned: each process holds it whole
+    else:
+        hidden = getattr(getattr(model.config, "text_config", model.config), "hidden_size", None)
+        if hidden:
+            # TRL's values for a frozen model: keep small tensors resident, prefetch a layer's worth.
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+            zero["reduce_bucket_size"] = hidden * hidden
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

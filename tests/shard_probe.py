@@ -1,0 +1,74 @@
+"""Under ``torchrun`` (gloo on CPU): the frozen teacher sharded as under FSDP2 reads the same as the whole one.
+
+``python -m torch.distributed.run --nproc_per_node 2 shard_probe.py TEACHER VERBALIZERS DATA RESULT.json``
+loads the teacher twice, whole and through :func:`vlsi.engines.shard_frozen_layers`, runs both on the same
+batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fraction", "head_whole",
+"export_diff", "sharded_after_export"}``: how far apart every verbalizer's and the final layer's logits are,
+what share of a decoder layer's weights a process still holds after the forward, whether the language head
+stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.engines.whole_weights`
+is from the whole model's, and whether the layers are sharded again afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from vlsi.backbone import Backbone
+from vlsi.data import ChatDataset, Encoder, collate
+from vlsi.engines import shard_frozen_layers, whole_weights
+from vlsi.export import load_model
+from vlsi.processing import VLProcessor
+from vlsi.verbalizer import Verbalizers
+
+
+@torch.no_grad()
+def read_all(backbone: Backbone, verbalizers: Verbalizers, batch: dict) -> dict:
+    last = backbone.num_layers - 1
+    hidden = backbone.layer_states(sorted({*verbalizers.layers, last}), batch)
+    logits = {layer: verbalizers.logits(layer, hidden[layer]) for layer in verbalizers.layers}
+    logits["final"] = backbone.output_logits(hidden[last])
+    return logits
+
+
+def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
+    dist.init_process_group("gloo")
+    processor = VLProcessor.from_pretrained(teacher)
+    dataset = ChatDataset(data, Encoder(processor, 2048))
+    batch = collate([dataset[i] for i in range(3)], processor.pad_token_id)
+
+    whole = Backbone(load_model(teacher, dtype=torch.float32).eval().requires_grad_(False))
+    want = read_all(whole, Verbalizers.load(verbalizers, whole), batch)
+
+    model = load_model(teacher, dtype=torch.float32).eval().requires_grad_(False)
+    shard_frozen_layers(model, Backbone(model).layers)
+    sharded = Backbone(model)
+    got = read_all(sharded, Verbalizers.load(verbalizers, sharded), batch)
+
+    layer = list(sharded.layers[0].parameters())
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in layer)
+    out = {
+        "max_diff": max((got[k] - want[k]).abs().max().item() for k in want),
+        "layer_shard_fraction": held / sum(p.numel() for p in layer),
+        "head_whole": type(sharded.lm_head.weight) is torch.nn.Parameter,
+    }
+    # What an export of a sharded run reads; accelerate runs FSDP only on GPUs, so its two answers are given.
+    accelerator = SimpleNamespace(distributed_type="FSDP", is_main_process=dist.get_rank() == 0)
+    whole_state = whole.model.state_dict()
+    with whole_weights(accelerator, model):
+        if dist.get_rank() == 0:
+            exported = {k: v.clone() for k, v in model.state_dict().items()}
+            out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
+    out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
+    if dist.get_rank() == 0:
+        with open(result, "w") as f:
+            json.dump(out, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

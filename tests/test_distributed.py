@@ -1,0 +1,165 @@
+"""The multi-process path on CPU: the real ``vlsi sft`` / ``vlsi interact`` under ``accelerate launch`` with two
+gloo processes, and the invariant that makes it trustworthy: one optimizer step over the same 4 records gives
+the same loss and the same gradients as 2 processes x batch 2, 1 process x batch 4 and 1 process x batch 1 x
+accumulation 4.
+
+BatchStream gives each step the next ``batch_size * processes`` records of one seeded permutation, rank r taking
+its r-th slice, so the three layouts see the same 4 records; the loss is normalised by the response tokens of
+the whole window across processes, so their sums agree up to float rounding (padding differs per batch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from grad_probe import probe
+
+from vlsi.cli import main
+from vlsi.export import is_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
+PROBE = Path(__file__).with_name("grad_probe.py")
+SHARD_PROBE = Path(__file__).with_name("shard_probe.py")
+# CPU only (gloo), one thread per process: two processes share the CI machine's two cores.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(args: list[str], dump: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with the shipped CPU config, running ``vlsi`` through the gradient probe."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_CONFIG),
+        "--main_process_port",
+        str(_free_port()),
+        str(PROBE),
+        str(dump),
+        *args,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def run_in_process(args: list[str], dump: Path) -> dict:
+    with probe(dump):
+        assert main(args) == 0
+    return torch.load(dump)
+
+
+def assert_same_step(got: dict, want: dict) -> None:
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["grads"].keys() == want["grads"].keys() and want["grads"]
+    for name, grad in want["grads"].items():
+        # Sums over differently padded batches and processes differ in rounding only.
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def assert_finished(out: Path, steps: int) -> None:
+    assert is_exported(out) and (out / "model.safetensors").exists()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == steps and math.isfinite(summary["final_loss"])
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # Both processes wrote their random states into the checkpoint.
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+
+
+# 2 processes x batch 2, 1 x 4, 1 x 1 x accumulation 4: 4 records per optimizer step in each.
+LAYOUTS = {"1x4": "--batch-size 4", "1x1x4": "--batch-size 1 --grad-accum 4"}
+
+
+def test_sft_two_processes_equal_one_process(tmp_path, tiny_models, synth_data):
+    def args(out, layout):
+        data = synth_data / "train.json"
+        options = f"--lr 1e-3 --log-every 1 {layout}".split()
+        return [
+            "sft",
+            "--model",
+            str(tiny_models["student"]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *options,
+        ]
+
+    out = tmp_path / "2x2"
+    launch_two_processes(
+        [*args(out, "--batch-size 2"), "--max-steps", "2", "--save-every", "1"], tmp_path / "2x2.pt"
+    )
+    assert_finished(out, steps=2)
+    two = torch.load(tmp_path / "2x2.pt")
+    assert two["world"] == 2
+    for name, layout in LAYOUTS.items():
+        one = run_in_process([*args(tmp_path / name, layout), "--max-steps", "1"], tmp_path / f"{name}.pt")
+        assert one["world"] == 1
+        assert_same_step(two, one)
+
+
+def test_interact_two_processes_equal_one_process(tmp_path, tiny_models, verbalizers, synth_data):
+    def args(out, layout):
+        return [
+            "interact",
+            *("--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers", str(verbalizers["teacher"])),
+            *("--student", str(tiny_models["student"]), "--student-verbalizers", str(verbalizers["student"])),
+            *("--data", str(synth_data / "train.json"), "--out", str(out)),
+            # uniform matching: the same pairs whatever each process's sampler would draw
+            *("--strategy", "uniform", "--lr", "1e-3", "--log-every", "1"),
+            *layout.split(),
+        ]
+
+    out = tmp_path / "2x2"
+    launch_two_processes(
+        [*args(out, "--batch-size 2"), "--max-steps", "2", "--save-every", "1"], tmp_path / "2x2.pt"
+    )
+    assert_finished(out, steps=2)
+    assert (out / "verbalizers" / "verbalizers.safetensors").exists()
+    matches = json.loads((out / "matches.json").read_text())
+    assert matches["micro_batches_per_step"] == 2
+    two = torch.load(tmp_path / "2x2.pt")
+    assert any(name.startswith("verbalizers.") for name in two["grads"])
+    for name, layout in LAYOUTS.items():
+        one = run_in_process([*args(tmp_path / name, layout), "--max-steps", "1"], tmp_path / f"{name}.pt")
+        assert_same_step(two, one)
+
+
+def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
+    tmp_path, tiny_models, verbalizers, synth_data
+):
+    """The FSDP2 teacher path (accelerate runs FSDP only on GPUs, so the sharding is driven directly here)."""
+    result = tmp_path / "shard.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(SHARD_PROBE), str(tiny_models["teacher"])]
+    cmd += [str(verbalizers["teacher"]), str(synth_data / "train.json"), str(result)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    got = json.loads(result.read_text())
+    assert got["max_diff"] < 1e-5  # every verbalizer's and the final layer's logits
+    assert got["layer_shard_fraction"] == 0.5  # after its forward, each process holds half of a layer again
+    assert got["head_whole"]  # the verbalizers call the head outside the model's forward
+    assert (
+        got["export_diff"] == 0.0 and got["sharded_after_export"]
+    )  # engines.whole_weights, as exports use it

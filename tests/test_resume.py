@@ -1,0 +1,114 @@
+"""Crash safety: a run killed with SIGKILL mid-step and started again with the same command ends where an
+uninterrupted run ends (per-step losses, matches, exported weights and verbalizers), and a checkpoint from
+other settings or another model is refused with a message that says what differs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlsi.cli import main
+from vlsi.export import is_exported
+
+STEPS, SAVE_EVERY = 4, 1
+
+
+def _interact(tiny_models, verbalizers, synth_data, out) -> list[str]:
+    return [
+        "interact",
+        *("--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers", str(verbalizers["teacher"])),
+        *("--student", str(tiny_models["student"]), "--student-verbalizers", str(verbalizers["student"])),
+        *("--data", str(synth_data / "train.json"), "--out", str(out)),
+        # The full VLsI matching samples from a seeded generator: its state must survive the restart too.
+        *("--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--log-every", "1"),
+        *("--batch-size", "2", "--lr", "1e-3", "--seed", "5"),
+    ]
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _kill_after_first_checkpoint(args: list[str], out) -> int:
+    """Starts ``vlsi`` in a subprocess, SIGKILLs it as soon as a checkpoint is complete; the step it died in."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlsi.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    first = out / "checkpoints" / f"step-{SAVE_EVERY:07d}" / "state.json"
+    deadline = time.monotonic() + 180
+    while not first.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoint appeared: {proc.stderr.read().decode()[-3000:]}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return max(r["step"] for r in _rows(out / "train_log.jsonl"))
+
+
+def test_sigkilled_interaction_resumes_to_the_uninterrupted_result(
+    tmp_path, tiny_models, verbalizers, synth_data
+):
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    assert main(_interact(tiny_models, verbalizers, synth_data, reference)) == 0
+
+    args = _interact(tiny_models, verbalizers, synth_data, run)
+    died_after = _kill_after_first_checkpoint(args, run)
+    assert SAVE_EVERY <= died_after < STEPS and not is_exported(run)
+    assert main(args) == 0  # the very same command
+    assert is_exported(run)
+
+    want, got = _rows(reference / "train_log.jsonl"), _rows(run / "train_log.jsonl")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    # The sampled matches continue the same random sequence.
+    assert _rows(run / "match_log.jsonl") == _rows(reference / "match_log.jsonl")
+    for key in ("first", "last"):
+        matches = json.loads((run / "matches.json").read_text())
+        assert matches[key] == json.loads((reference / "matches.json").read_text())[key]
+    for weights in ("model.safetensors", "verbalizers/verbalizers.safetensors"):
+        a, b = load_file(run / weights), load_file(reference / weights)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _sft(model, data, out, options: str = "") -> list[str]:
+    base = f"--max-steps 2 --batch-size 4 --save-every 1 {options}"
+    return ["sft", "--model", str(model), "--data", str(data), "--out", str(out), *base.split()]
+
+
+def test_a_checkpoint_from_other_settings_is_refused_naming_them(tmp_path, tiny_models, synth_data, capsys):
+    out, data = tmp_path / "run", synth_data / "train.json"
+    assert main(_sft(tiny_models["student"], data, out, "--lr 1e-3")) == 0
+    capsys.readouterr()
+    assert main(_sft(tiny_models["student"], data, out, "--lr 5e-3 --max-steps 3")) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "lr: 0.001 -> 0.005" in err and "--no-resume" in err
+    assert "max_steps: 2 -> 3" in err
+
+
+def test_a_checkpoint_of_another_model_at_the_same_path_is_refused(tmp_path, tiny_models, synth_data, capsys):
+    model, out, data = tmp_path / "model", tmp_path / "run", synth_data / "train.json"
+    shutil.copytree(tiny_models["student"], model)
+    assert main(_sft(model, data, out)) == 0
+    # Same path, same settings: only the weights' shapes tell that the model was replaced.
+    shutil.rmtree(model)
+    shutil.copytree(tiny_models["teacher"], model)
+    capsys.readouterr()
+    assert main(_sft(model, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "another model" in err and "->" in err
