@@ -1,0 +1,596 @@
+"""``vlsi plan RECIPE``: what a distillation recipe holds and costs, read from the model configs alone.
+
+No weights are read: each model is built on the meta device from its ``config.json`` (a local checkpoint
+folder, else the copy bundled under ``configs/models/<org>--<name>/``, else the hub), so the 72B teachers
+plan in seconds on a laptop. The plan shows the target layers, the parameters of the backbones, their
+verbalizers and LoRA adapters, whether the two vocabularies are comparable, and an estimate of the memory
+each step needs per GPU under the chosen engine and GPU count (:func:`estimate_memory` states the formula).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from vlsi.backbone import Backbone, family_for, get_module, parse_layers
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "ENGINES",
+    "Memory",
+    "ModelSummary",
+    "PlanConfig",
+    "block_centres",
+    "check_pair",
+    "complete_recipe",
+    "estimate_memory",
+    "load_recipe",
+    "lora_parameters",
+    "make_plan",
+    "meta_model",
+    "resolve_config",
+    "summarize",
+    "verbalizer_parameters",
+]
+
+BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
+ENGINES = ("ddp", "fsdp", "zero3")
+GIB = 1024**3
+
+# Bytes per parameter, following what the steps do today (interact.py, sft.py, verbalize.py): frozen
+# backbones and the teacher in bf16; the trained student keeps fp32 master weights under bf16 autocast; a
+# trained parameter adds its fp32 gradient and AdamW's two fp32 moments.
+FROZEN_BF16 = 2
+FP32 = 4
+GRAD_AND_ADAM = 4 + 8
+# DDP reduces gradients through a bucket copy of every trained gradient.
+DDP_BUCKET = 4
+REFERENCE_HEAD_BYTES = 12
+DEFAULT_CHUNK_TOKENS = 256  # vlsi.chunked's default, for step configs without the option
+
+
+@dataclass
+class PlanConfig:
+    recipe: str = field(
+        metadata={
+            "help": "distill recipe YAML, e.g. configs/recipes/qwen2vl-72b-to-7b.yaml",
+            "positional": True,
+        }
+    )
+    engine: str = field(
+        default="ddp",
+        metadata={
+            "help": "ddp (everything replicated) | fsdp | zero3 (weights and states sharded over --gpus)"
+        },
+    )
+    gpus: int = field(default=8, metadata={"help": "GPUs the run is spread over (paper: 8 x A100 80GB)"})
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per sequence (default: each step's max_length in the recipe)"}
+    )
+    gpu_memory: float = field(
+        default=80.0, metadata={"help": "GiB per GPU; steps estimated above it are marked"}
+    )
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def bundled_config_dir(name: str) -> Path | None:
+    """The bundled ``configs/models/<org>--<name>`` folder for a hub id, if there is one."""
+    folder = BUNDLED_MODELS / name.replace("/", "--")
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_config(name: str):
+    """``(config, where it came from)`` for a local checkpoint, a bundled hub id, or (online) the hub."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path)), str(path)
+    bundled = bundled_config_dir(name)
+    if bundled is not None:
+        where = f"bundled {bundled.relative_to(BUNDLED_MODELS.parent.parent)}"
+        return AutoConfig.from_pretrained(str(bundled)), where
+    try:
+        return AutoConfig.from_pretrained(name), "hub"
+    except OSError as e:
+        raise ValueError(
+            f"{name!r}: not a checkpoint folder, not bundled under {BUNDLED_MODELS}, and the hub did not answer: {e}"
+        ) from None
+
+
+def meta_model(config) -> nn.Module:
+    """The model of ``config`` with every tensor on the meta device: shapes only, no memory, no init."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def _count(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) not in seen:  # tied embeddings count once
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def verbalizer_parameters(backbone: Backbone, layers: list[int]) -> int:
+    """Parameters of the real :class:`~vlsi.verbalizer.Verbalizers` for ``layers``, built on the meta device
+    (three hidden x hidden matrices plus a norm copy per layer)."""
+    from vlsi.verbalizer import build_verbalizers
+
+    with torch.device("meta"):
+        return build_verbalizers(backbone, layers).num_parameters()
+
+
+def lora_parameters(model: nn.Module, rank: int) -> int:
+    """LoRA parameters ``rank x (in + out)`` of every linear layer that :func:`vlsi.sft.apply_lora` adapts
+    (the projections of the language model's decoder layers; the same pattern as there)."""
+    family = family_for(model)
+    names = "|".join(family.lora_target_modules)
+    pattern = re.compile(rf"{re.escape(family.decoder_layers)}\.\d+\..*({names})")
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and pattern.fullmatch(name)
+    )
+
+
+@dataclass
+class ModelSummary:
+    """What the plan needs of one model; ``model`` is its meta-device instance."""
+
+    name: str
+    source: str
+    config: object
+    model: nn.Module
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    head_width: int
+    total: int
+    language: int
+    largest_layer: int
+
+    @property
+    def vision(self) -> int:
+        """Vision tower plus projector: everything outside the language model and its head."""
+        return self.total - self.language
+
+    @property
+    def backbone(self) -> Backbone:
+        return Backbone(self.model)
+
+
+def summarize(name: str) -> ModelSummary:
+    config, source = resolve_config(name)
+    model = meta_model(config)
+    backbone = Backbone(model)
+    family = backbone.family
+    language_model = get_module(model, family.decoder_layers.rsplit(".", 1)[0])
+    language = _count([*language_model.parameters(), *backbone.lm_head.parameters()])
+    return ModelSummary(
+        name=name,
+        source=source,
+        config=config,
+        model=model,
+        family=family.name,
+        num_layers=backbone.num_layers,
+        hidden_size=backbone.hidden_size,
+        intermediate_size=int(backbone.text_config.intermediate_size),
+        head_width=backbone.vocab_size,
+        total=_count(model.parameters()),
+        language=language,
+        largest_layer=max(_count(layer.parameters()) for layer in backbone.layers),
+    )
+
+
+def block_centres(num_layers: int, count: int) -> list[int]:
+    """``count`` layers at the (floored) centres of equal blocks of the stack.
+
+    The one rule behind every list the paper gives: Qwen2-VL 28 layers / 7 -> 2, 6, ..., 26 and 80 / 20 ->
+    2, 6, ..., 78; LLaVA-OV 24 / 3 -> 4, 12, 20 and 80 / 4 -> 10, 30, 50, 70.
+    """
+    if not 0 < count <= num_layers:
+        raise ValueError(f"need 0 < count <= num_layers, got {count} of {num_layers}")
+    return [(2 * k + 1) * num_layers // (2 * count) for k in range(count)]
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+
+# Config entries that name token ids; two models of one tokenizer agree on every one both define.
+_TOKEN_ID_KEYS = (
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def _token_ids(config) -> dict[str, object]:
+    ids = {}
+    for source in (config.get_text_config(), config):
+        for key in _TOKEN_ID_KEYS:
+            value = getattr(source, key, None)
+            if value is not None:
+                ids[key] = value
+    return ids
+
+
+def _tokenizer_dir(name: str) -> Path | None:
+    path = Path(name).expanduser()
+    has = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return path if has else None
+
+
+def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
+    """Refuses a pair whose vocabularies are not the same tokenizer; returns notes on what is allowed.
+
+    From the configs: one model family (so one tokenizer family and token-index order) and the same special
+    token ids. Head widths may differ by padding rows (Qwen2-VL 72B / 7B: 152,064 vs 2B: 151,936); logits
+    are then compared on the shared width. Where both models are local checkpoints with tokenizer files,
+    :func:`vlsi.divergences.check_same_tokenizer` also compares the tokenizers id by id.
+    """
+    if teacher.family != student.family:
+        raise ValueError(
+            f"teacher {teacher.name!r} is {teacher.family} but student {student.name!r} is {student.family}: "
+            "different model families do not share a tokenizer and token-index order, so their vocabulary "
+            "distributions are not comparable"
+        )
+    t_ids, s_ids = _token_ids(teacher.config), _token_ids(student.config)
+    differing = {k: (t_ids[k], s_ids[k]) for k in t_ids.keys() & s_ids.keys() if t_ids[k] != s_ids[k]}
+    if differing:
+        shown = ", ".join(f"{k} {t} vs {s}" for k, (t, s) in sorted(differing.items()))
+        raise ValueError(
+            f"teacher and student configs disagree on special token ids ({shown}): not one tokenizer"
+        )
+    notes = []
+    shared = min(teacher.head_width, student.head_width)
+    if teacher.head_width != student.head_width:
+        wider = "teacher" if teacher.head_width > student.head_width else "student"
+        notes.append(
+            f"heads {teacher.head_width:,} (teacher) vs {student.head_width:,} (student): the {wider}'s "
+            f"{abs(teacher.head_width - student.head_width)} extra rows are padding; compared on the shared "
+            f"{shared:,}"
+        )
+    else:
+        notes.append(f"heads of one width ({shared:,})")
+    t_dir, s_dir = _tokenizer_dir(teacher.name), _tokenizer_dir(student.name)
+    if t_dir and s_dir:
+        from transformers import AutoTokenizer
+
+        from vlsi.divergences import check_same_tokenizer
+
+        t_tok, s_tok = AutoTokenizer.from_pretrained(str(t_dir)), AutoTokenizer.from_pretrained(str(s_dir))
+        size = check_same_tokenizer(t_tok, s_tok)
+        if max(len(t_tok), len(s_tok)) > shared:
+            raise ValueError(
+                f"a tokenizer has {max(len(t_tok), len(s_tok))} tokens, more than the head's {shared}"
+            )
+        notes.append(f"tokenizers compared id by id: the same on all {size:,} shared ids")
+    else:
+        notes.append(f"one family ({teacher.family}) and the same special token ids in both configs")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The recipe file as a dict, read by :func:`complete_recipe`."""
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return complete_recipe(recipe, str(path))
+
+
+def complete_recipe(recipe: dict, where: str = "recipe") -> dict:
+    """The recipe read exactly as ``vlsi distill --config`` reads it (:class:`vlsi.distill.DistillConfig`),
+    back as a dict whose step sections hold every field with its default filled in.
+
+    Unknown keys, at the top or in a step section, are refused, so a typo is caught before any weight is read.
+    """
+    from vlsi.cli import build_config
+    from vlsi.distill import DistillConfig
+
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{where}: expected a mapping of option names to values")
+    try:
+        cfg = build_config(DistillConfig, argparse.Namespace(), recipe)
+    except SystemExit as e:  # the CLI's way of naming a bad option
+        raise ValueError(f"{where}: {e}") from None
+    for key in ("teacher", "student", "teacher_layers", "student_layers"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{where}: missing '{key}'")
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU by kind."""
+
+    weights: float = 0.0
+    states: float = 0.0
+    activations: float = 0.0
+    heads: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.states + self.activations + self.heads
+
+
+def _layer_activation_bytes(m: ModelSummary) -> int:
+    # Per token and decoder layer, saved for backward under bf16 autocast: the fp32 residual stream in and out
+    # and the two norm outputs (4 x 4D), the bf16 q/k/v/attention/o-proj inputs (~4D x 2) and the bf16 gate,
+    # up, activation and product of the MLP (4I x 2). Flash / SDPA attention: no T x T scores.
+    return 24 * m.hidden_size + 8 * m.intermediate_size
+
+
+def _trained_activations(m: ModelSummary, tokens: int, checkpointing: bool) -> float:
+    per_layer = _layer_activation_bytes(m) * tokens
+    if checkpointing:
+        # Each layer keeps only its fp32 input; one layer at a time is recomputed in full.
+        return m.num_layers * tokens * m.hidden_size * FP32 + per_layer
+    return m.num_layers * per_layer
+
+
+def _frozen_forward(m: ModelSummary, tokens: int) -> float:
+    # No graph: one layer's working set at a time.
+    return _layer_activation_bytes(m) * tokens
+
+
+def _verb_ffn_graph(m: ModelSummary, layers: int, tokens: int) -> float:
+    # Per token and verbalizer: bf16 gate, up, activation, product, down (5 x 2D) and the fp32 sum and norm.
+    return layers * tokens * 18 * m.hidden_size
+
+
+def _verbalized_heads(cfg: dict, live: int, vocab: int, tokens: int, blocks: int = 4) -> float:
+    if cfg.get("loss_impl", "chunked") == "reference":
+        # Whole [n, V] logits for each of the ``live`` heads: bf16 logits plus the fp32 copy and log-softmax
+        # kept for backward, ~12 bytes (measured: benchmarks/gpu_interact.py, --loss-impl reference).
+        return live * tokens * vocab * REFERENCE_HEAD_BYTES
+    # ``blocks`` fp32 [chunk, V] blocks at a time (vlsi.chunked): logits, log-softmax, the other side's, gradient.
+    chunk = cfg.get("loss_chunk_tokens") or DEFAULT_CHUNK_TOKENS
+    return blocks * min(chunk, tokens) * vocab * FP32
+
+
+@dataclass
+class Part:
+    """One group of parameters on a GPU: how many, bytes each as stored, and whether they are trained."""
+
+    params: int
+    bytes_each: int
+    trained: bool = False
+
+
+def _place(parts: list[Part], engine: str, gpus: int, gather: int) -> Memory:
+    shard = gpus if engine in ("fsdp", "zero3") else 1
+    memory = Memory()
+    for part in parts:
+        memory.weights += part.params * part.bytes_each / shard
+        if part.trained:
+            memory.states += (
+                part.params * (GRAD_AND_ADAM + (DDP_BUCKET if engine == "ddp" and gpus > 1 else 0)) / shard
+            )
+    if shard > 1:
+        memory.weights += gather  # the unit being gathered and the next one, prefetched
+    return memory
+
+
+def estimate_memory(
+    teacher: ModelSummary,
+    student: ModelSummary,
+    recipe: dict,
+    engine: str,
+    gpus: int,
+    seq_len: int | None = None,
+    n_params: dict | None = None,
+) -> dict[str, tuple[Memory, int, int]]:
+    """Per-GPU memory of each step: ``{row: (Memory, batch, seq_len)}``.
+
+    Formula (bytes; D hidden, I intermediate, L layers, V head width, n = batch x seq-len tokens per GPU,
+    every token counted as a response token, an upper bound):
+
+    - weights: frozen backbones bf16 (2/param); the trained student fp32 master weights (4/param, steps 2-3,
+      as the code loads it); verbalizers fp32 (4/param). A trained parameter (LoRA adapters or the whole
+      student, and the verbalizers being trained) adds grads + AdamW moments (12/param) and under ddp a
+      gradient bucket (4/param). Under fsdp / zero3 all of it, the frozen teacher included, is divided by
+      the GPU count, plus two gathered decoder layers in bf16.
+    - activations of a trained model: L x n x (24D + 8I) (fp32 residual stream and norms, bf16
+      projections, flash attention); with gradient checkpointing L x n x 4D + one layer's n x (24D + 8I).
+      A frozen forward holds one layer's n x (24D + 8I) plus the hidden states it hands on (bf16 [n, D] per
+      target layer). A verb-FFN graph: 18D per token and layer.
+    - heads: steps 1-2 with ``loss_impl: chunked`` apply the head to ``loss_chunk_tokens`` at a time (fp32
+      [chunk, V] blocks: 4 in step 1, t_s + 3 in step 2's scoring), never layers x tokens x V; with ``reference``, 12 bytes per token and vocabulary
+      entry for every live head (step 1: each target layer; step 2: the student's layers and its output).
+      Step 3 keeps the model's own [n, V] logits (bf16) plus an fp32 copy and its gradient (10 bytes).
+
+    Not counted: vision-tower activations (text-dominated batches), the CUDA context and allocator slack
+    (add 1-3 GiB).
+    """
+    n_params = n_params or {}
+    rows = {}
+    v_cfg, i_cfg, s_cfg = recipe["verbalize"], recipe["interact"], recipe["sft"]
+    t_layers, s_layers = parse_layers(recipe["teacher_layers"]), parse_layers(recipe["student_layers"])
+    t_verb = n_params.get("teacher_verbalizers") or verbalizer_parameters(teacher.backbone, t_layers)
+    s_verb = n_params.get("student_verbalizers") or verbalizer_parameters(student.backbone, s_layers)
+
+    def tokens(cfg):
+        length = seq_len or cfg["max_length"]
+        return cfg["batch_size"] * length, cfg["batch_size"], length
+
+    def gather(m):
+        return 2 * m.largest_layer * FROZEN_BF16
+
+    # Step 1: one frozen backbone at a time, its verbalizers trained.
+    n, batch, length = tokens(v_cfg)
+    for role, m, verb, layers in (
+        ("teacher", teacher, t_verb, t_layers),
+        ("student", student, s_verb, s_layers),
+    ):
+        mem = _place([Part(m.total, FROZEN_BF16), Part(verb, FP32, True)], engine, gpus, gather(m))
+        mem.activations = (
+            _frozen_forward(m, n)
+            + len(layers) * n * m.hidden_size * FROZEN_BF16
+            + _verb_ffn_graph(m, len(layers), n)
+        )
+        mem.heads = _verbalized_heads(v_cfg, len(layers), m.head_width, n)
+        rows[f"1 verbalize {role}"] = (mem, batch, length)
+
+    # Step 2: frozen teacher + its verbalizers; the student (LoRA or whole) and its verbalizers trained.
+    n, batch, length = tokens(i_cfg)
+    parts = [Part(teacher.total, FROZEN_BF16), Part(t_verb, FP32), Part(s_verb, FP32, True)]
+    parts += _student_parts(student, i_cfg, n_params)
+    mem = _place(parts, engine, gpus, gather(teacher))
+    checkpointing = bool(i_cfg.get("gradient_checkpointing", False))
+    mem.activations = (
+        _trained_activations(student, n, checkpointing)
+        + _verb_ffn_graph(student, len(s_layers), n)
+        + _frozen_forward(teacher, n)
+        + (len(t_layers) + 1) * n * teacher.hidden_size * FROZEN_BF16
+    )
+    vocab = max(teacher.head_width, student.head_width)
+    # The matching scores hold every student layer's log-probabilities per chunk: (t_s + 3) blocks.
+    mem.heads = _verbalized_heads(i_cfg, len(s_layers) + 1, vocab, n, blocks=len(s_layers) + 3)
+    rows["2 interact"] = (mem, batch, length)
+
+    # Step 3: the student alone, its own head over every position.
+    n, batch, length = tokens(s_cfg)
+    mem = _place(_student_parts(student, s_cfg, n_params), engine, gpus, gather(student))
+    mem.activations = _trained_activations(student, n, bool(s_cfg.get("gradient_checkpointing", False)))
+    mem.heads = n * student.head_width * (FROZEN_BF16 + FP32 + FP32)
+    rows["3 sft"] = (mem, batch, length)
+    return rows
+
+
+def _student_parts(student: ModelSummary, cfg: dict, n_params: dict) -> list[Part]:
+    if cfg.get("lora"):
+        lora = n_params.get(("lora", cfg["lora_rank"])) or lora_parameters(student.model, cfg["lora_rank"])
+        return [Part(student.total, FP32), Part(lora, FP32, True)]
+    if cfg.get("freeze_vision"):
+        return [Part(student.vision, FP32), Part(student.language, FP32, True)]
+    return [Part(student.total, FP32, True)]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _layer_list(layers: list[int]) -> str:
+    return ",".join(map(str, layers))
+
+
+def make_plan(cfg: PlanConfig) -> str:
+    """The plan as printable text; raises ValueError for a recipe that cannot run as written."""
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"--engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
+    if cfg.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {cfg.gpus}")
+    recipe = load_recipe(cfg.recipe)
+    teacher, student = summarize(recipe["teacher"]), summarize(recipe["student"])
+    vocab_notes = check_pair(teacher, student)  # before anything else: a mismatch is refused outright
+
+    t_layers, s_layers = parse_layers(recipe["teacher_layers"]), parse_layers(recipe["student_layers"])
+    for role, m, layers in (("teacher", teacher, t_layers), ("student", student, s_layers)):
+        if max(layers) >= m.num_layers:
+            raise ValueError(f"{role}_layers {layers} go beyond {m.name}'s {m.num_layers} layers (0-based)")
+    if len(s_layers) > len(t_layers):
+        raise ValueError(
+            f"{len(s_layers)} student target layers but {len(t_layers)} teacher layers: matching needs t_s <= t_l"
+        )
+    t_verb = verbalizer_parameters(teacher.backbone, t_layers)
+    s_verb = verbalizer_parameters(student.backbone, s_layers)
+
+    out = [f"recipe  {cfg.recipe}"]
+    out.append(f"{'':8}{'model':<44}{'layers':>7}{'hidden':>8}{'head':>9}{'vision':>9}{'LM':>9}{'total':>9}")
+    for role, m in (("teacher", teacher), ("student", student)):
+        out.append(
+            f"{role:<8}{m.name:<44}{m.num_layers:>7}{m.hidden_size:>8}{m.head_width:>9,}"
+            f"{_m(m.vision):>9}{_m(m.language):>9}{_m(m.total):>9}"
+        )
+        out.append(f"{'':8}  config: {m.source}")
+    out.append("target layers")
+    out.append(f"  teacher {len(t_layers):>2}: {_layer_list(t_layers)}")
+    out.append(f"  student {len(s_layers):>2}: {_layer_list(s_layers)}")
+    out.append("verbalizers (verb-FFN 3 x hidden^2 + a norm copy per layer)")
+    for role, layers, n in (
+        ("teacher", t_layers, t_verb),
+        ("student", s_layers, s_verb),
+    ):
+        out.append(f"  {role} {len(layers):>2} x {_m(n / len(layers)):>7} = {_m(n):>8}  ({n:,})")
+    out.append("vocabulary")
+    out.extend(f"  {note}" for note in vocab_notes)
+
+    n_params = {"teacher_verbalizers": t_verb, "student_verbalizers": s_verb}
+    for step in ("interact", "sft"):
+        if recipe[step].get("lora"):
+            rank = recipe[step]["lora_rank"]
+            n_params[("lora", rank)] = n_params.get(("lora", rank)) or lora_parameters(student.model, rank)
+    trained = []
+    for step in ("interact", "sft"):
+        s = recipe[step]
+        what = (
+            f"LoRA r{s['lora_rank']} ({_m(n_params[('lora', s['lora_rank'])])})" if s.get("lora") else "whole"
+        )
+        trained.append(f"{step}: {what}")
+    out.append("student trained in " + "; ".join(trained))
+
+    rows = estimate_memory(teacher, student, recipe, cfg.engine, cfg.gpus, cfg.seq_len, n_params)
+    out.append(
+        f"memory per GPU (GiB), {cfg.engine} on {cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''}, "
+        f"bf16 autocast, every token a response token"
+    )
+    out.append(
+        f"  {'step':<22}{'batch':>6}{'seq':>6}{'weights':>9}{'grad+opt':>9}{'activ':>8}{'heads':>8}{'total':>8}"
+    )
+    for name, (mem, batch, length) in rows.items():
+        flag = "  > --gpu-memory" if mem.total / GIB > cfg.gpu_memory else ""
+        out.append(
+            f"  {name:<22}{batch:>6}{length:>6}{mem.weights / GIB:>9.1f}{mem.states / GIB:>9.1f}"
+            f"{mem.activations / GIB:>8.1f}{mem.heads / GIB:>8.1f}{mem.total / GIB:>8.1f}{flag}"
+        )
+    impl = {
+        step: f"{recipe[step].get('loss_impl', 'chunked')} ({recipe[step].get('loss_chunk_tokens') or DEFAULT_CHUNK_TOKENS})"
+        if recipe[step].get("loss_impl", "chunked") == "chunked"
+        else "reference"
+        for step in ("verbalize", "interact")
+    }
+    out.append(f"  verbalized losses: verbalize {impl['verbalize']}, interact {impl['interact']}")
+    ckpt = {step: bool(recipe[step].get("gradient_checkpointing", False)) for step in ("interact", "sft")}
+    out.append(
+        f"  gradient checkpointing: interact {'on' if ckpt['interact'] else 'off'}, sft {'on' if ckpt['sft'] else 'off'}"
+    )
+    if cfg.engine != "ddp":
+        out.append(
+            "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.engines.prepare_frozen places them"
+        )
+    out.append("  not counted: vision activations, CUDA context and allocator slack (1-3 GiB)")
+    return "\n".join(out)
+
+
+def run_plan(cfg: PlanConfig) -> None:
+    print(make_plan(cfg))

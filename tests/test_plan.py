@@ -1,0 +1,214 @@
+"""The paper's recipes, the bundled real model configs and ``vlsi plan`` (meta device only: no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlsi.backbone import parse_layers
+from vlsi.cli import build_config, main
+from vlsi.distill import DistillConfig
+from vlsi.interact import InteractConfig
+from vlsi.plan import (
+    GIB,
+    PlanConfig,
+    block_centres,
+    check_pair,
+    complete_recipe,
+    estimate_memory,
+    load_recipe,
+    make_plan,
+    summarize,
+)
+from vlsi.sft import SFTConfig
+from vlsi.verbalize import VerbalizeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+QWEN_72B, QWEN_7B, QWEN_2B = (f"Qwen/Qwen2-VL-{s}-Instruct" for s in ("72B", "7B", "2B"))
+OV = "llava-hf/llava-onevision-qwen2-{}-ov-hf"
+
+# Parameter totals the hub lists for these checkpoints; the bundled configs must rebuild them exactly.
+REAL_TOTALS = {
+    QWEN_2B: 2_208_985_600,
+    QWEN_7B: 8_291_375_616,
+    QWEN_72B: 73_405_560_320,
+    OV.format("0.5b"): 893_675_552,
+    OV.format("7b"): 8_030_807_584,
+    OV.format("72b"): 73_181_570_592,
+}
+# The paper's target layers (student, teacher); the 7B LLaVA-OV student is this project's choice.
+PAPER_LAYERS = {
+    "qwen2vl-72b-to-2b": (list(range(2, 28, 4)), list(range(2, 80, 4))),
+    "qwen2vl-72b-to-7b": (list(range(2, 28, 4)), list(range(2, 80, 4))),
+    "llava-ov-72b-to-0.5b": ([4, 12, 20], [10, 30, 50, 70]),
+    "llava-ov-72b-to-7b": (block_centres(28, 3), [10, 30, 50, 70]),
+}
+STEP_CLASSES = {"verbalize": VerbalizeConfig, "interact": InteractConfig, "sft": SFTConfig}
+
+
+@pytest.fixture(scope="module")
+def summaries():
+    return {name: summarize(name) for name in REAL_TOTALS}
+
+
+def test_four_recipes_are_bundled():
+    assert [p.stem for p in RECIPES] == sorted(PAPER_LAYERS)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_keys_are_config_fields(path):
+    recipe = yaml.safe_load(path.read_text())
+    assert set(recipe) <= {f.name for f in dataclasses.fields(DistillConfig)}
+    for step, cls in STEP_CLASSES.items():
+        assert set(recipe[step]) <= {f.name for f in dataclasses.fields(cls)}, step
+    # ... and read exactly as `vlsi distill --config` reads it.
+    cfg = build_config(DistillConfig, argparse.Namespace(), recipe)
+    for step in ("interact", "sft"):
+        settings = getattr(cfg, step)
+        assert settings.lora and settings.lora_rank == settings.lora_alpha == 64
+    for step in STEP_CLASSES:
+        settings = getattr(cfg, step)
+        assert (settings.lr, settings.min_lr, settings.grad_accum) == (1e-4, 1e-6, 16)
+    assert cfg.sft.gradient_checkpointing
+    assert cfg.interact.strategy == "vlsi" and cfg.interact.il == cfg.interact.ll == "kld"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_layers_are_the_papers_and_fit_the_models(path, summaries):
+    recipe = yaml.safe_load(path.read_text())
+    student_layers, teacher_layers = (parse_layers(recipe[k]) for k in ("student_layers", "teacher_layers"))
+    assert (student_layers, teacher_layers) == PAPER_LAYERS[path.stem]
+    assert len(student_layers) <= len(teacher_layers)
+    for layers, name in ((student_layers, recipe["student"]), (teacher_layers, recipe["teacher"])):
+        assert max(layers) < summaries[name].num_layers
+
+
+def test_block_centres_is_the_rule_behind_every_paper_list():
+    assert block_centres(28, 7) == list(range(2, 28, 4))
+    assert block_centres(80, 20) == list(range(2, 80, 4))
+    assert block_centres(24, 3) == [4, 12, 20]
+    assert block_centres(80, 4) == [10, 30, 50, 70]
+    assert block_centres(28, 3) == [4, 14, 23]
+    with pytest.raises(ValueError):
+        block_centres(4, 5)
+
+
+def test_bundled_configs_rebuild_the_real_models(summaries):
+    for name, total in REAL_TOTALS.items():
+        assert summaries[name].total == total, name
+        assert "bundled" in summaries[name].source
+    assert summaries[QWEN_7B].head_width == 152_064 and summaries[QWEN_2B].head_width == 151_936
+    assert summaries[QWEN_72B].num_layers == 80 and summaries[OV.format("0.5b")].num_layers == 24
+
+
+def test_verbalizers_of_the_7b_student_are_the_papers_269m(summaries):
+    from vlsi.plan import verbalizer_parameters
+
+    layers = list(range(2, 28, 4))
+    n = verbalizer_parameters(summaries[QWEN_7B].backbone, layers)
+    # 7 verb-FFNs of 3 x 3584^2 (the paper's 269M) plus a 3584-wide norm copy each.
+    assert n == 7 * (3 * 3584**2 + 3584)
+    assert 269e6 < n < 270e6
+
+
+def test_padding_rows_are_allowed_and_noted(summaries):
+    notes = check_pair(summaries[QWEN_72B], summaries[QWEN_2B])
+    assert any("128 extra rows are padding" in note and "151,936" in note for note in notes)
+    notes = check_pair(summaries[OV.format("72b")], summaries[OV.format("0.5b")])
+    assert any("padding" in note for note in notes)
+
+
+def test_a_different_tokenizer_is_refused(summaries, tmp_path):
+    with pytest.raises(ValueError, match="different model families"):
+        check_pair(summaries[QWEN_72B], summaries[OV.format("0.5b")])
+    # Same family, but the special ids say it is another tokenizer.
+    bent = json.loads((ROOT / "configs/models/Qwen--Qwen2-VL-2B-Instruct/config.json").read_text())
+    bent["eos_token_id"] = 151643
+    (tmp_path / "config.json").write_text(json.dumps(bent))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        check_pair(summaries[QWEN_7B], summarize(str(tmp_path)))
+
+
+def test_local_tokenizers_are_compared_id_by_id(tiny_models, tmp_path):
+    teacher, student = summarize(str(tiny_models["teacher"])), summarize(str(tiny_models["student"]))
+    assert any("compared id by id" in note for note in check_pair(teacher, student))
+    # Swap two ordinary tokens in a copy of the student's tokenizer: same sizes and specials, other ids.
+    other = tmp_path / "student"
+    shutil.copytree(tiny_models["student"], other, ignore=shutil.ignore_patterns("*.safetensors"))
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="spell different tokens"):
+        check_pair(teacher, summarize(str(other)))
+
+
+def test_memory_shards_under_fsdp_and_grows_with_tokens(summaries):
+    recipe = load_recipe(ROOT / "configs/recipes/qwen2vl-72b-to-7b.yaml")
+    t, s = summaries[QWEN_72B], summaries[QWEN_7B]
+    ddp = estimate_memory(t, s, recipe, "ddp", 8)
+    fsdp = estimate_memory(t, s, recipe, "fsdp", 8)
+    assert ddp.keys() == fsdp.keys() == {"1 verbalize teacher", "1 verbalize student", "2 interact", "3 sft"}
+    interact_ddp, interact_fsdp = ddp["2 interact"][0], fsdp["2 interact"][0]
+    assert interact_ddp.weights / GIB > 140  # the 72B teacher alone is 137 GiB in bf16
+    assert interact_fsdp.weights < interact_ddp.weights / 6
+    assert interact_fsdp.activations == interact_ddp.activations
+    longer = estimate_memory(t, s, recipe, "fsdp", 8, seq_len=4096)["2 interact"][0]
+    assert longer.activations > interact_fsdp.activations
+    # Whole [N, V] logits (the reference losses) cost far more than the chunked ones.
+    raw = yaml.safe_load((ROOT / "configs/recipes/qwen2vl-72b-to-7b.yaml").read_text())
+    reference = complete_recipe({**raw, "interact": {**raw["interact"], "loss_impl": "reference"}})
+    assert estimate_memory(t, s, reference, "fsdp", 8)["2 interact"][0].heads > 10 * interact_fsdp.heads
+
+
+def test_unknown_recipe_keys_are_refused(tmp_path):
+    recipe = yaml.safe_load((ROOT / "configs/recipes/qwen2vl-72b-to-2b.yaml").read_text())
+    recipe["interact"]["lora_rnak"] = 8
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="lora_rnak"):
+        load_recipe(path)
+
+
+def test_layers_beyond_the_model_are_refused(tmp_path):
+    recipe = yaml.safe_load((ROOT / "configs/recipes/qwen2vl-72b-to-2b.yaml").read_text())
+    recipe["student_layers"] = "2,6,30"
+    path = tmp_path / "deep.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="28 layers"):
+        make_plan(PlanConfig(recipe=str(path)))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_vlsi_plan_prints_every_recipe(path, capsys):
+    assert main(["plan", str(path), "--engine", "fsdp", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("target layers", "verbalizers", "vocabulary", "2 interact", "3 sft", "fsdp on 8 GPUs"):
+        assert needle in out
+    if path.stem == "qwen2vl-72b-to-7b":
+        assert "student  7 x   38.5M =   269.8M" in out
+
+
+def test_vlsi_plan_refuses_a_bad_engine(capsys):
+    assert main(["plan", str(RECIPES[0]), "--engine", "megatron"]) == 2
+    assert "--engine" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_interact", ROOT / "benchmarks" / "gpu_interact.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens_per_second"] > 0 and len(result["losses"]) == 2
+    assert result["plan_estimate_gib"]["total"] > 0
