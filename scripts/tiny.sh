@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
-vlsi baselines --out "${1:-runs/tiny}"
+vlsi distill --out "${1:-runs/distill}"

@@ -50,6 +50,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = 
         required = (
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not prefix
         )
+        if f.metadata.get("positional"):  # e.g. `vlsi plan RECIPE`
+            parser.add_argument(name, type=tp, nargs=None if required else "?", default=None, help=help_text)
+            continue
         if tp is bool:
             parser.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -169,6 +172,15 @@ def _cmd_interact(cfg):
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_distill(cfg):
+    from vlsi.distill import run_distill
+
+    outcome = run_distill(cfg)
+    print(
+        json.dumps({k: v["accuracy"] for k, v in outcome["results"].items()} or outcome["models"], indent=2)
+    )
+
+
 def _read_config(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text())
@@ -177,6 +189,15 @@ def _read_config(path: Path) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     return values
+
+
+def _default_values(command: str) -> dict | None:
+    """What a command reads when no --config is given: `distill` runs the built-in tiny setting."""
+    if command == "distill":
+        from vlsi.distill import TINY_PRESET
+
+        return TINY_PRESET
+    return None
 
 
 def format_metrics(metrics: dict) -> str:
@@ -189,9 +210,11 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from vlsi.distill import DistillConfig
     from vlsi.evaluate import EvalConfig
     from vlsi.interact import InteractConfig
     from vlsi.pipeline import BaselinesConfig
+    from vlsi.plan import PlanConfig, run_plan
     from vlsi.sft import SFTConfig
     from vlsi.synth import SynthConfig
     from vlsi.tiny import TinyConfig
@@ -212,6 +235,16 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             InteractConfig,
             _cmd_interact,
             "distil matched teacher layers into the student's verbalized layers (VLsI step 2)",
+        ),
+        "distill": (
+            DistillConfig,
+            _cmd_distill,
+            "VLsI steps 1-3 from one YAML config; without --config, the built-in tiny setting with controls",
+        ),
+        "plan": (
+            PlanConfig,
+            run_plan,
+            "target layers, parameter counts and per-GPU memory of a distill recipe, from model configs only",
         ),
         "verbalize": (
             InspectConfig,
@@ -235,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, run, _ = commands[args.command]
     try:
-        file_values = _read_config(args.config) if args.config else None
+        file_values = _read_config(args.config) if args.config else _default_values(args.command)
         cfg = build_config(cls, args, file_values)
         run(cfg)
     except (ValueError, OSError) as e:

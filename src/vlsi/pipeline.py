@@ -19,20 +19,29 @@ from vlsi.tiny import TinyConfig, build_tiny
 
 
 @dataclass
-class BaselinesConfig:
-    out: str = field(default="runs/tiny", metadata={"help": "run directory"})
+class TinySettings:
+    """The built-in tiny setting's data and base models; ``vlsi distill`` runs it when no models are given."""
+
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
     train: int = field(default=6000, metadata={"help": "synthetic train questions"})
     test: int = field(default=500, metadata={"help": "synthetic test records"})
-    steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for each base model"})
+    steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for the teacher base"})
+    student_steps: int = field(
+        default=0, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
+    )
     batch_size: int = field(default=32, metadata={"help": "SFT batch size"})
     lr: float = field(default=5e-4, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
     min_lr: float = field(default=5e-6, metadata={"help": "final SFT learning rate"})
     warmup_steps: int = field(default=30, metadata={"help": "SFT warm-up steps"})
+
+
+@dataclass
+class BaselinesConfig(TinySettings):
+    out: str = field(default="runs/tiny", metadata={"help": "run directory"})
     student: bool = field(default=True, metadata={"help": "also train and evaluate the student base"})
 
 
-def _stage(marker: Path, label: str) -> bool:
+def stage(marker: Path, label: str) -> bool:
     """True when the stage still has to run (its marker file is absent)."""
     if marker.exists():
         print(f"[skip] {label}: done ({marker})")
@@ -41,47 +50,61 @@ def _stage(marker: Path, label: str) -> bool:
     return True
 
 
-def base_sft_config(cfg: BaselinesConfig, model: Path, data: Path, out: Path) -> SFTConfig:
+def base_sft_config(cfg: TinySettings, model: Path, data: Path, out: Path, steps: int = 0) -> SFTConfig:
+    steps = steps or cfg.steps
     return SFTConfig(
         model=str(model),
         data=str(data),
         out=str(out),
-        max_steps=cfg.steps,
+        max_steps=steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         min_lr=cfg.min_lr,
         warmup_steps=cfg.warmup_steps,
         weight_decay=0.01,
         seed=cfg.seed,
-        save_every=max(50, cfg.steps // 4),
+        save_every=max(50, steps // 4),
         max_length=256,
     )
 
 
-def run_baselines(cfg: BaselinesConfig) -> dict:
-    root = Path(cfg.out)
+def evaluate_once(model: Path, data: Path, out: Path, label: str, image_root: str | None = None) -> dict:
+    """``out/metrics.json``, computed unless a finished run left it."""
+    metrics_file = out / "metrics.json"
+    if stage(metrics_file, f"evaluation of {label}"):
+        evaluate(EvalConfig(model=str(model), data=str(data), out=str(out), image_root=image_root))
+    return json.loads(metrics_file.read_text())
+
+
+def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[str, Path]:
+    """Synthetic data, tiny models and their SFT bases under ``root``: paths of train, test and each base."""
     data, models = root / "data", root / "models"
-    t0 = time.perf_counter()
     # Markers are written after the stage's last file, so a stage killed half-way runs again.
-    if _stage(data / "synth_complete", "synthetic data"):
+    if stage(data / "synth_complete", "synthetic data"):
         generate(SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed))
         (data / "synth_complete").touch()
-    if _stage(models / "tiny_complete", "tiny teacher and student"):
+    if stage(models / "tiny_complete", "tiny teacher and student"):
         build_tiny(TinyConfig(out=str(models), seed=cfg.seed))
         (models / "tiny_complete").touch()
-    names = ["teacher", "student"] if cfg.student else ["teacher"]
-    results = {}
-    for name in names:
+    paths = {"train": data / "train.json", "test": data / "test.json"}
+    steps = {"teacher": cfg.steps, "student": cfg.student_steps or cfg.steps}
+    for name in ["teacher", "student"] if student else ["teacher"]:
         trained = root / f"{name}_sft"
-        if _stage(trained / "export_complete.json", f"SFT of the {name} base"):
-            train_sft(base_sft_config(cfg, models / name, data / "train.json", trained))
+        if stage(trained / "export_complete.json", f"SFT of the {name} base"):
+            train_sft(base_sft_config(cfg, models / name, paths["train"], trained, steps[name]))
         assert is_exported(trained)
-        metrics_file = trained / "eval" / "metrics.json"
-        if _stage(metrics_file, f"evaluation of the {name}"):
-            evaluate(
-                EvalConfig(model=str(trained), data=str(data / "test.json"), out=str(metrics_file.parent))
-            )
-        results[name] = json.loads(metrics_file.read_text())
+        paths[name] = trained
+    return paths
+
+
+def run_baselines(cfg: BaselinesConfig) -> dict:
+    root = Path(cfg.out)
+    t0 = time.perf_counter()
+    paths = prepare_tiny(cfg, root, cfg.student)
+    names = ["teacher", "student"] if cfg.student else ["teacher"]
+    results = {
+        name: evaluate_once(paths[name], paths["test"], paths[name] / "eval", f"the {name}") for name in names
+    }
     (root / "results.json").write_text(json.dumps(results, indent=2))
     table = results_table(results)
     (root / "report.md").write_text(table + "\n")
