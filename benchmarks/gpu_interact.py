@@ -126,20 +126,14 @@ def synthetic_batch(config, args, generator: torch.Generator, device, mm_types: 
 
 
 def interact_settings(args):
-    """Step 2's settings with their defaults (the recipe's), whatever fields the class has grown."""
-    from vlsi import interact
+    """Step 2's settings: the defaults (the recipe's) with this run's sizes."""
+    from vlsi.interact import InteractSettings
 
-    cls = getattr(interact, "InteractSettings", None)
     values = dict(lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_rank, batch_size=args.batch)
     values.update(max_length=args.seq_len, seed=args.seed)
     if args.loss_impl:
         values["loss_impl"] = args.loss_impl
-    if cls is not None:
-        return cls(**values)
-    dummy = dict.fromkeys(
-        ("teacher", "teacher_verbalizers", "student", "student_verbalizers", "data", "out"), ""
-    )
-    return interact.InteractConfig(**values, **dummy)
+    return InteractSettings(**values)
 
 
 def plan_estimate(names, t_layers, s_layers, settings) -> dict:
@@ -195,8 +189,8 @@ def run(args) -> dict:
         "prompt_tokens_masked": args.prompt,
         "image_tokens_per_sequence": (args.image_grid**2 // 4) if args.image else 0,
         "student_training": f"LoRA r{args.lora_rank}" if args.lora else "full",
-        "loss_impl": getattr(settings, "loss_impl", "reference"),
-        "loss_chunk_tokens": getattr(settings, "loss_chunk_tokens", None),
+        "loss_impl": settings.loss_impl,
+        "loss_chunk_tokens": settings.loss_chunk_tokens,
     }
     import transformers
 
@@ -270,7 +264,7 @@ def run(args) -> dict:
     except Exception as e:  # the measurement stands without it
         result["plan_estimate_gib"] = {"error": f"{type(e).__name__}: {e}"}
     result["plan_note"] = (
-        "vlsi plan assumes chunked verbalizer losses and counts every token as a response token; "
+        "vlsi plan counts every token as a response token; "
         "the measured step runs interact.py as it is in this tree"
     )
     return result

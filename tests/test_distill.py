@@ -1,12 +1,14 @@
 """`vlsi distill`: the stage order, the controls' budget, markers that make a rerun skip, and the report."""
 
+import argparse
+import dataclasses
 import json
 
 import pytest
 import yaml
 
 from vlsi.cli import main
-from vlsi.distill import MODELS, TINY_PRESET, DistillConfig, control_budget
+from vlsi.distill import MODELS, TINY_PRESET, DistillConfig, check_config, control_budget, record_config
 from vlsi.interact import InteractSettings
 from vlsi.sft import SFTSettings
 
@@ -87,3 +89,30 @@ def test_config_runs_the_three_steps_on_given_models(tmp_path, tiny_models, synt
     assert (out / "step3_sft" / "export_complete.json").exists()
     # No test data, no controls: nothing is evaluated and no control is trained.
     assert not (out / "results.json").exists() and not (out / "control_sft").exists()
+
+
+def test_bad_settings_are_refused_before_any_training():
+    with pytest.raises(ValueError, match="max_steps on both"):
+        check_config(DistillConfig(controls=True, interact=InteractSettings(max_steps=5)))
+    with pytest.raises(ValueError, match="3 student layers but only 2 teacher layers"):
+        check_config(DistillConfig(teacher_layers="1,2", student_layers="0,1,2"))
+    with pytest.raises(ValueError, match="--il"):
+        check_config(DistillConfig(interact=InteractSettings(il="mse")))
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    cfg = DistillConfig(out=str(tmp_path / "a"))
+    record_config(cfg, tmp_path)
+    # Moving the run, adding the controls or another eval batch leaves finished stages valid.
+    record_config(
+        dataclasses.replace(cfg, out=str(tmp_path / "b"), controls=True, eval_batch_size=4), tmp_path
+    )
+    with pytest.raises(ValueError, match=r"\(interact differ"):
+        record_config(dataclasses.replace(cfg, interact=InteractSettings(lr=1.0)), tmp_path)
+
+
+def test_tiny_preset_applies_only_without_a_teacher():
+    from vlsi.cli import _default_values
+
+    assert _default_values("distill", argparse.Namespace(teacher=None)) is TINY_PRESET
+    assert _default_values("distill", argparse.Namespace(teacher="Qwen/Qwen2-VL-72B-Instruct")) is None

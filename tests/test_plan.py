@@ -161,13 +161,15 @@ def test_memory_shards_under_fsdp_and_grows_with_tokens(summaries):
     interact_ddp, interact_fsdp = ddp["2 interact"][0], fsdp["2 interact"][0]
     assert interact_ddp.weights / GIB > 140  # the 72B teacher alone is 137 GiB in bf16
     assert interact_fsdp.weights < interact_ddp.weights / 6
-    assert interact_fsdp.activations == interact_ddp.activations
     longer = estimate_memory(t, s, recipe, "fsdp", 8, seq_len=4096)["2 interact"][0]
     assert longer.activations > interact_fsdp.activations
     # Whole [N, V] logits (the reference losses) cost far more than the chunked ones.
     raw = yaml.safe_load((ROOT / "configs/recipes/qwen2vl-72b-to-7b.yaml").read_text())
     reference = complete_recipe({**raw, "interact": {**raw["interact"], "loss_impl": "reference"}})
     assert estimate_memory(t, s, reference, "fsdp", 8)["2 interact"][0].heads > 10 * interact_fsdp.heads
+    # ZeRO-3 partitions the head, so the chunked losses fall back to the reference there.
+    zero3 = estimate_memory(t, s, recipe, "zero3", 8)["2 interact"][0]
+    assert zero3.heads > 10 * interact_fsdp.heads
 
 
 def test_unknown_recipe_keys_are_refused(tmp_path):

@@ -77,15 +77,20 @@ def chunked_unsupported(head: nn.Module) -> str | None:
 
 def head_weight(head: nn.Module) -> torch.Tensor:
     """The ``[V, D]`` weight of a bias-free linear language head (tied to the embeddings or not)."""
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"the language head {type(head).__name__} has no [V, D] weight matrix")
-    if getattr(head, "bias", None) is not None:
+    if (reason := chunked_unsupported(head)) is not None:
         raise ValueError(
-            "the chunked verbalized losses support bias-free language heads only (Qwen2-VL's has none); "
-            "use --loss-impl reference for a head with a bias"
+            f"the chunked verbalized losses cannot use this head: {reason}; use --loss-impl reference"
         )
-    return weight
+    return head.weight
+
+
+def chunk_tokens(impl: str, chunk: int) -> int | None:
+    """``--loss-impl`` and ``--loss-chunk-tokens`` checked: the chunk size, or None for the reference losses."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"--loss-impl {impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+    if chunk < 1:
+        raise ValueError(f"--loss-chunk-tokens must be >= 1, got {chunk}")
+    return chunk if impl == "chunked" else None
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -390,10 +395,15 @@ def head_losses(
     if teacher_weight is None and any(t.op != LABELS for t in terms):
         raise ValueError("divergence terms need the teacher head's weight")
     grad_on = torch.is_grad_enabled()
+    # The teacher side never carries a graph. One detached tensor per distinct teacher input, so terms that
+    # share a teacher layer stay grouped (by identity) and its chunk logits are computed once.
+    detached: dict[int, torch.Tensor] = {}
+    for t in terms:
+        if t.teacher is not None:
+            detached.setdefault(id(t.teacher), t.teacher.detach())
     plan = _Plan(
-        # The teacher side never carries a graph.
         terms=[
-            Term(t.features, t.op, t.weight, None if t.teacher is None else t.teacher.detach(), t.target)
+            Term(t.features, t.op, t.weight, None if t.teacher is None else detached[id(t.teacher)], t.target)
             for t in terms
         ],
         teacher_weight=None if teacher_weight is None else teacher_weight.detach(),

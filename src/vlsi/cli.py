@@ -191,9 +191,10 @@ def _read_config(path: Path) -> dict:
     return values
 
 
-def _default_values(command: str) -> dict | None:
-    """What a command reads when no --config is given: `distill` runs the built-in tiny setting."""
-    if command == "distill":
+def _default_values(command: str, args: argparse.Namespace) -> dict | None:
+    """What a command reads when no --config is given: `distill` with no teacher runs the built-in tiny
+    setting (a run on given models gets the steps' own defaults, never the tiny setting's budgets)."""
+    if command == "distill" and not args.teacher:
         from vlsi.distill import TINY_PRESET
 
         return TINY_PRESET
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, run, _ = commands[args.command]
     try:
-        file_values = _read_config(args.config) if args.config else _default_values(args.command)
+        file_values = _read_config(args.config) if args.config else _default_values(args.command, args)
         cfg = build_config(cls, args, file_values)
         run(cfg)
     except (ValueError, OSError) as e:

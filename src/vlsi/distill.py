@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from vlsi.backbone import parse_layers
 from vlsi.export import is_exported
 from vlsi.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
@@ -57,14 +58,14 @@ class DistillConfig:
         default="", metadata={"help": "LLaVA-format file every model is evaluated on (empty = no evaluation)"}
     )
     image_root: str | None = field(
-        default=None, metadata={"help": "image folder (default: each data file's)"}
+        default=None, metadata={"help": "image folder (default: each data file's); replaces the steps' own"}
     )
     teacher_layers: str = field(
         default="", metadata={"help": "teacher target layers, e.g. '2,6,10' (empty = verbalize-train's rule)"}
     )
     student_layers: str = field(default="", metadata={"help": "student target layers (empty = the rule)"})
     seed: int = field(
-        default=0, metadata={"help": "seed of every step (and of the tiny setting's data/models)"}
+        default=0, metadata={"help": "seed of every step and of the tiny setting (replaces the steps' own)"}
     )
     controls: bool = field(
         default=False, metadata={"help": "also train the SFT-only and final-layer-KD controls"}
@@ -140,7 +141,8 @@ class Distiller:
         return out
 
     def interact(self, out: Path, student: str, tv: Path, sv: Path, label: str, **overrides) -> Path:
-        if stage(out / "export_complete.json", label):
+        # train_summary.json is written after the export, so it marks a finished stage.
+        if stage(out / "train_summary.json", label):
             settings = _with(self.cfg.interact, **self.common, **overrides)
             cfg = InteractConfig(
                 **settings,
@@ -155,10 +157,11 @@ class Distiller:
         return out
 
     def sft(self, out: Path, model: str, label: str, **overrides) -> Path:
-        if stage(out / "export_complete.json", label):
+        if stage(out / "train_summary.json", label):
             settings = _with(self.cfg.sft, **self.common, **overrides)
             train_sft(SFTConfig(**settings, model=model, data=self.train, out=str(out)))
-        assert is_exported(out)
+        if not is_exported(out):
+            raise RuntimeError(f"{out}: marked finished but holds no complete export; remove it to retrain")
         return out
 
     def run(self) -> dict[str, str]:
@@ -189,12 +192,44 @@ class Distiller:
         return {k: str(models[k]) for k in MODELS if k in models}
 
 
+# Keys a rerun may change: where the run lives, what else runs, how it is reported; not what a finished
+# stage computed.
+RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Errors a run would otherwise meet only after hours of training."""
+    cfg.interact.validate()
+    if cfg.controls:
+        control_budget(cfg.interact, cfg.sft)
+    if cfg.teacher_layers.strip() and cfg.student_layers.strip():
+        t_l, t_s = len(parse_layers(cfg.teacher_layers)), len(parse_layers(cfg.student_layers))
+        if t_s > t_l:
+            raise ValueError(f"{t_s} student layers but only {t_l} teacher layers: each needs its own match")
+
+
+def record_config(cfg: DistillConfig, root: Path) -> None:
+    """Writes the resolved config; a rerun with other settings is refused, since its finished stages
+    (skipped by their markers) would silently come from the old ones."""
+    path = root / "distill_config.yaml"
+    new = dataclasses.asdict(cfg)
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = [k for k in new if k not in RERUN_MAY_CHANGE and old.get(k) != new[k]]
+        if changed:
+            raise ValueError(
+                f"{root} was run with other settings ({', '.join(changed)} differ from {path}); "
+                "use a new --out, or remove the stages the change affects together with that file"
+            )
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
 def run_distill(cfg: DistillConfig) -> dict:
+    check_config(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # The resolved config, so a run can be read back and repeated exactly.
-    (root / "distill_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    record_config(cfg, root)
     if cfg.teacher:
         if not (cfg.student and cfg.train_data):
             raise ValueError("a distill config with a teacher also needs 'student' and 'train_data'")

@@ -80,12 +80,13 @@ def shard_frozen_layers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> 
 
 @contextlib.contextmanager
 def whole_weights(accelerator: Accelerator, module: torch.nn.Module):
-    """Every parameter of ``module`` whole (on the main process) while inside: for exporting a sharded run.
+    """Every parameter of ``module`` whole on every process while inside: for exporting a sharded run, or
+    for calling its parts outside the engine's forward (step 1's held-out metrics).
 
     Enter it on all processes (it gathers), then write from the main process only. ZeRO-3 gathers in place and
     drops the copies on exit. FSDP2's own unshard leaves storage that safetensors cannot read, so each sharded
-    parameter is gathered with ``full_tensor`` and swapped for a plain CPU copy on the main process, the
-    sharded one restored on exit. Elsewhere it does nothing.
+    parameter is gathered with ``full_tensor`` and swapped for a plain tensor, the sharded one restored on
+    exit. Elsewhere it does nothing.
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         import deepspeed
@@ -100,10 +101,8 @@ def whole_weights(accelerator: Accelerator, module: torch.nn.Module):
         for name, param in list(owner._parameters.items()):
             if isinstance(param, DTensor):
                 full = param.full_tensor()  # a collective: every process takes part
-                if accelerator.is_main_process:
-                    owner._parameters[name] = nn.Parameter(full.detach().cpu(), param.requires_grad)
-                    swapped.append((owner, name, param))
-                del full
+                owner._parameters[name] = nn.Parameter(full.detach(), param.requires_grad)
+                swapped.append((owner, name, param))
     try:
         yield
     finally:

@@ -37,8 +37,8 @@ from vlsi.checkpointing import CheckpointManager
 from vlsi.chunked import (
     DEFAULT_CHUNK_TOKENS,
     LABELS,
-    LOSS_IMPLS,
     Term,
+    chunk_tokens,
     chunked_unsupported,
     head_losses,
     head_weight,
@@ -55,6 +55,7 @@ from vlsi.runtime import (
     TrainingArgs,
     append_jsonl,
     global_response_tokens,
+    global_token_mean,
     grad_sync,
     make_accelerator,
     mixed_precision,
@@ -142,14 +143,12 @@ class InteractSettings(TrainingArgs):
             ("--il", self.il, IL_OPS),
             ("--ll", self.ll, LL_OPS),
             ("--divergence", self.divergence, KL_DIRECTIONS),
-            ("--loss-impl", self.loss_impl, LOSS_IMPLS),
         ):
             if value not in valid:
                 raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
         if self.il == "none" and self.ll == "none" and self.ar_weight == 0:
             raise ValueError("--il none --ll none --ar-weight 0 leaves nothing to train on")
-        if self.loss_chunk_tokens < 1:
-            raise ValueError(f"--loss-chunk-tokens must be >= 1, got {self.loss_chunk_tokens}")
+        chunk_tokens(self.loss_impl, self.loss_chunk_tokens)
 
 
 @dataclass(kw_only=True)
@@ -434,7 +433,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
         n_resp = global_response_tokens(accelerator, micro)
         sums = torch.zeros(3)  # il, ll, ar, summed over the window
-        step_total, matches, window_tokens = 0.0, [], 0
+        matches, window_tokens = [], 0
         for i, batch in enumerate(micro):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
@@ -448,7 +447,6 @@ def train_interaction(cfg: InteractConfig) -> dict:
                 loss = loss_sum * world / n_resp
             accelerator.backward(loss)
             sums += torch.tensor([parts["il"].item(), parts["ll"].item(), parts["ar"].item()])
-            step_total += loss_sum.item()
             window_tokens += int(batch["attention_mask"].sum())
             if match is not None:
                 matches.append(match)
@@ -461,9 +459,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
             counts["first"] += match_counts(matches, t_s, t_l)
         if step > total - window:
             counts["last"] += match_counts(matches, t_s, t_l)
-        scale = world / n_resp.item()
-        il, ll, ar = (sums * scale).tolist()
-        history.append({"loss": step_total * scale, "il": il, "ll": ll, "ar": ar})
+        il, ll, ar = global_token_mean(accelerator, sums, n_resp)
+        history.append({"loss": il + ll + cfg.ar_weight * ar, "il": il, "ll": ll, "ar": ar})
         bar.update(1)
         bar.set_postfix(
             loss=f"{history[-1]['loss']:.3f}",

@@ -53,7 +53,6 @@ GRAD_AND_ADAM = 4 + 8
 # DDP reduces gradients through a bucket copy of every trained gradient.
 DDP_BUCKET = 4
 REFERENCE_HEAD_BYTES = 12
-DEFAULT_CHUNK_TOKENS = 256  # vlsi.chunked's default, for step configs without the option
 
 
 @dataclass
@@ -365,14 +364,15 @@ def _verb_ffn_graph(m: ModelSummary, layers: int, tokens: int) -> float:
     return layers * tokens * 18 * m.hidden_size
 
 
-def _verbalized_heads(cfg: dict, live: int, vocab: int, tokens: int, blocks: int = 4) -> float:
-    if cfg.get("loss_impl", "chunked") == "reference":
+def _verbalized_heads(cfg: dict, live: int, vocab: int, tokens: int, engine: str) -> float:
+    # ZeRO-3 partitions the head, which the chunked losses cannot read outside the forward: they fall back.
+    if cfg["loss_impl"] == "reference" or engine == "zero3":
         # Whole [n, V] logits for each of the ``live`` heads: bf16 logits plus the fp32 copy and log-softmax
         # kept for backward, ~12 bytes (measured: benchmarks/gpu_interact.py, --loss-impl reference).
         return live * tokens * vocab * REFERENCE_HEAD_BYTES
-    # ``blocks`` fp32 [chunk, V] blocks at a time (vlsi.chunked): logits, log-softmax, the other side's, gradient.
-    chunk = cfg.get("loss_chunk_tokens") or DEFAULT_CHUNK_TOKENS
-    return blocks * min(chunk, tokens) * vocab * FP32
+    # About 4 fp32 [chunk, V] blocks at a time (vlsi.chunked): logits, log-softmax, the other side's, gradient;
+    # step 2's scoring shrinks its chunk so that all student layers together hold about as much.
+    return 4 * min(cfg["loss_chunk_tokens"], tokens) * vocab * FP32
 
 
 @dataclass
@@ -422,8 +422,9 @@ def estimate_memory(
       A frozen forward holds one layer's n x (24D + 8I) plus the hidden states it hands on (bf16 [n, D] per
       target layer). A verb-FFN graph: 18D per token and layer.
     - heads: steps 1-2 with ``loss_impl: chunked`` apply the head to ``loss_chunk_tokens`` at a time (fp32
-      [chunk, V] blocks: 4 in step 1, t_s + 3 in step 2's scoring), never layers x tokens x V; with ``reference``, 12 bytes per token and vocabulary
-      entry for every live head (step 1: each target layer; step 2: the student's layers and its output).
+      [chunk, V] blocks, about 4 at a time), never layers x tokens x V; with ``reference``, and under zero3
+      (whose partitioned head the chunked losses cannot read), 12 bytes per token and vocabulary entry for
+      every live head (step 1: each target layer; step 2: the student's layers and its output).
       Step 3 keeps the model's own [n, V] logits (bf16) plus an fp32 copy and its gradient (10 bytes).
 
     Not counted: vision-tower activations (text-dominated batches), the CUDA context and allocator slack
@@ -455,7 +456,7 @@ def estimate_memory(
             + len(layers) * n * m.hidden_size * FROZEN_BF16
             + _verb_ffn_graph(m, len(layers), n)
         )
-        mem.heads = _verbalized_heads(v_cfg, len(layers), m.head_width, n)
+        mem.heads = _verbalized_heads(v_cfg, len(layers), m.head_width, n, engine)
         rows[f"1 verbalize {role}"] = (mem, batch, length)
 
     # Step 2: frozen teacher + its verbalizers; the student (LoRA or whole) and its verbalizers trained.
@@ -463,7 +464,7 @@ def estimate_memory(
     parts = [Part(teacher.total, FROZEN_BF16), Part(t_verb, FP32), Part(s_verb, FP32, True)]
     parts += _student_parts(student, i_cfg, n_params)
     mem = _place(parts, engine, gpus, gather(teacher))
-    checkpointing = bool(i_cfg.get("gradient_checkpointing", False))
+    checkpointing = i_cfg["gradient_checkpointing"]
     mem.activations = (
         _trained_activations(student, n, checkpointing)
         + _verb_ffn_graph(student, len(s_layers), n)
@@ -471,24 +472,23 @@ def estimate_memory(
         + (len(t_layers) + 1) * n * teacher.hidden_size * FROZEN_BF16
     )
     vocab = max(teacher.head_width, student.head_width)
-    # The matching scores hold every student layer's log-probabilities per chunk: (t_s + 3) blocks.
-    mem.heads = _verbalized_heads(i_cfg, len(s_layers) + 1, vocab, n, blocks=len(s_layers) + 3)
+    mem.heads = _verbalized_heads(i_cfg, len(s_layers) + 1, vocab, n, engine)
     rows["2 interact"] = (mem, batch, length)
 
     # Step 3: the student alone, its own head over every position.
     n, batch, length = tokens(s_cfg)
     mem = _place(_student_parts(student, s_cfg, n_params), engine, gpus, gather(student))
-    mem.activations = _trained_activations(student, n, bool(s_cfg.get("gradient_checkpointing", False)))
+    mem.activations = _trained_activations(student, n, s_cfg["gradient_checkpointing"])
     mem.heads = n * student.head_width * (FROZEN_BF16 + FP32 + FP32)
     rows["3 sft"] = (mem, batch, length)
     return rows
 
 
 def _student_parts(student: ModelSummary, cfg: dict, n_params: dict) -> list[Part]:
-    if cfg.get("lora"):
+    if cfg["lora"]:
         lora = n_params.get(("lora", cfg["lora_rank"])) or lora_parameters(student.model, cfg["lora_rank"])
         return [Part(student.total, FP32), Part(lora, FP32, True)]
-    if cfg.get("freeze_vision"):
+    if cfg.get("freeze_vision", False):
         return [Part(student.vision, FP32), Part(student.language, FP32, True)]
     return [Part(student.total, FP32, True)]
 
@@ -573,17 +573,21 @@ def make_plan(cfg: PlanConfig) -> str:
             f"  {name:<22}{batch:>6}{length:>6}{mem.weights / GIB:>9.1f}{mem.states / GIB:>9.1f}"
             f"{mem.activations / GIB:>8.1f}{mem.heads / GIB:>8.1f}{mem.total / GIB:>8.1f}{flag}"
         )
-    impl = {
-        step: f"{recipe[step].get('loss_impl', 'chunked')} ({recipe[step].get('loss_chunk_tokens') or DEFAULT_CHUNK_TOKENS})"
-        if recipe[step].get("loss_impl", "chunked") == "chunked"
-        else "reference"
-        for step in ("verbalize", "interact")
-    }
-    out.append(f"  verbalized losses: verbalize {impl['verbalize']}, interact {impl['interact']}")
-    ckpt = {step: bool(recipe[step].get("gradient_checkpointing", False)) for step in ("interact", "sft")}
-    out.append(
-        f"  gradient checkpointing: interact {'on' if ckpt['interact'] else 'off'}, sft {'on' if ckpt['sft'] else 'off'}"
-    )
+
+    def impl(step: str) -> str:
+        if recipe[step]["loss_impl"] == "chunked" and cfg.engine != "zero3":
+            return f"chunked ({recipe[step]['loss_chunk_tokens']})"
+        return "reference" + (" (zero3 partitions the head)" if cfg.engine == "zero3" else "")
+
+    out.append(f"  verbalized losses: verbalize {impl('verbalize')}, interact {impl('interact')}")
+    ckpt = {step: "on" if recipe[step]["gradient_checkpointing"] else "off" for step in ("interact", "sft")}
+    out.append(f"  gradient checkpointing: interact {ckpt['interact']}, sft {ckpt['sft']}")
+    if cfg.engine == "zero3" and any(
+        recipe[step]["grad_accum"] != 1 for step in ("verbalize", "interact", "sft")
+    ):
+        out.append(
+            "  zero3 runs need grad_accum 1 in every step (raise batch_size instead): this recipe is refused"
+        )
     if cfg.engine != "ddp":
         out.append(
             "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.engines.prepare_frozen places them"

@@ -81,6 +81,13 @@ def global_response_tokens(accelerator: Accelerator, micro_batches: list[dict]) 
     return accelerator.reduce(n, "sum").clamp(min=1)
 
 
+def global_token_mean(accelerator: Accelerator, sums: torch.Tensor, n_resp: torch.Tensor) -> list[float]:
+    """Per-response-token means of this window's loss sums over all processes: what is logged, not one
+    process's share scaled up."""
+    total = accelerator.reduce(sums.to(accelerator.device, torch.float64), "sum")
+    return (total / n_resp.item()).tolist()
+
+
 @dataclass(kw_only=True)
 class TrainingArgs:
     """The knobs every training step shares; each step's config adds its own fields to these.

@@ -27,6 +27,7 @@ from vlsi.runtime import (
     TrainingArgs,
     append_jsonl,
     global_response_tokens,
+    global_token_mean,
     grad_sync,
     make_accelerator,
     model_inputs,
@@ -128,11 +129,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens
-        # The logged loss is the global token mean, not this process's share scaled up.
-        losses.append(
-            accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum").item()
-            / n_resp.item()
-        )
+        losses.append(global_token_mean(accelerator, torch.tensor([step_loss]), n_resp)[0])
         elapsed = time.perf_counter() - start
         bar.update(1)
         bar.set_postfix(

@@ -30,9 +30,9 @@ from torch import nn
 
 from vlsi.backbone import Backbone, parse_layers, target_layers
 from vlsi.checkpointing import CheckpointManager
-from vlsi.chunked import DEFAULT_CHUNK_TOKENS, LOSS_IMPLS, chunked_unsupported
+from vlsi.chunked import DEFAULT_CHUNK_TOKENS, chunk_tokens, chunked_unsupported
 from vlsi.data import ChatDataset, Encoder, collate
-from vlsi.engines import prepare_frozen, whole_load
+from vlsi.engines import prepare_frozen, whole_load, whole_weights
 from vlsi.evaluate import generate_answers
 from vlsi.export import load_model
 from vlsi.processing import VLProcessor
@@ -40,6 +40,7 @@ from vlsi.runtime import (
     TrainingArgs,
     append_jsonl,
     global_response_tokens,
+    global_token_mean,
     grad_sync,
     make_accelerator,
     mixed_precision,
@@ -144,16 +145,21 @@ class VerbalizedLoss(nn.Module):
     def __init__(self, verbalizers: Verbalizers, chunk_tokens: int | None = None):
         super().__init__()
         self.verbalizers = verbalizers
-        if chunk_tokens is not None and (reason := chunked_unsupported(verbalizers.lm_head)) is not None:
-            log.warning("--loss-impl chunked: %s; using the reference loss", reason)
-            chunk_tokens = None
         self.chunk_tokens = chunk_tokens
+        self._warned = False
 
     def forward(
         self, hidden_by_layer: dict[int, torch.Tensor], labels: torch.Tensor
     ) -> dict[int, torch.Tensor]:
+        chunk = self.chunk_tokens
+        # Checked per call: the engine may partition the head after this module was built (ZeRO-3).
+        if chunk is not None and (reason := chunked_unsupported(self.verbalizers.lm_head)) is not None:
+            if not self._warned:
+                log.warning("--loss-impl chunked: %s; using the reference loss", reason)
+                self._warned = True
+            chunk = None
         return {
-            layer: verbalized_ce(self.verbalizers, layer, h, labels, self.chunk_tokens)
+            layer: verbalized_ce(self.verbalizers, layer, h, labels, chunk)
             for layer, h in hidden_by_layer.items()
         }
 
@@ -247,18 +253,10 @@ def _splits(cfg: VerbalizeConfig, encoder: Encoder) -> tuple[ChatDataset, int, C
     return train, n_train, held, held_idx
 
 
-def _chunk_tokens(cfg: VerbalizeSettings) -> int | None:
-    if cfg.loss_impl not in LOSS_IMPLS:
-        raise ValueError(f"--loss-impl {cfg.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
-    if cfg.loss_chunk_tokens < 1:
-        raise ValueError(f"--loss-chunk-tokens must be >= 1, got {cfg.loss_chunk_tokens}")
-    return cfg.loss_chunk_tokens if cfg.loss_impl == "chunked" else None
-
-
 def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> dict:
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
-    chunk_tokens = _chunk_tokens(cfg)
+    chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
     out = Path(cfg.out)
     precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
@@ -285,7 +283,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     dataset, n_train, held, held_idx = _splits(cfg, encoder)
     world = accelerator.num_processes
     loss_module, optimizer, scheduler, stream, total = prepare_training(
-        accelerator, cfg, VerbalizedLoss(verbalizers, chunk_tokens), n_train
+        accelerator, cfg, VerbalizedLoss(verbalizers, chunk), n_train
     )
     # Placed after the verbalizers copied its final norm (whole) and after DeepSpeed's config was completed;
     # sharded like step 2's teacher under FSDP2 / ZeRO-3, moved whole to the device otherwise.
@@ -320,7 +318,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
             step_sums += torch.tensor([per_layer[layer].item() for layer in layers])
         optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
         step += 1
-        history.append((step_sums * world / n_resp.item()).tolist())
+        history.append(global_token_mean(accelerator, step_sums, n_resp))
         bar.update(1)
         bar.set_postfix({f"L{layer}": f"{v:.2f}" for layer, v in zip(layers, history[-1], strict=True)})
         if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
@@ -346,9 +344,10 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
         "records": n_train,
         **dataset.skips.summary(),
     }
-    if accelerator.is_main_process:
+    # Every process measures (the same records): a sharded backbone's forward is a collective. The
+    # verbalizers are whole inside, also under FSDP2 / ZeRO-3.
+    with whole_weights(accelerator, loss_module):
         verbalizers = accelerator.unwrap_model(loss_module).verbalizers.eval()
-        verbalizers.save(out, base_model_info(backbone))
         metrics = measure_depth(
             backbone,
             verbalizers,
@@ -358,10 +357,12 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
             processor.pad_token_id,
             accelerator.autocast,
         )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        plot_depth(metrics, out / "verbalized_depth.png")
         summary["held_out"] = metrics
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if accelerator.is_main_process:
+            verbalizers.save(out, base_model_info(backbone))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            plot_depth(metrics, out / "verbalized_depth.png")
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
 
