@@ -49,24 +49,15 @@ def model_signature(accelerator) -> dict[str, list[int]]:
     return signature
 
 
-def _settings_diff(saved: dict, now: dict) -> str:
-    keys = sorted(set(saved) | set(now))
+def _diff(saved: dict, now: dict, limit: int = 0, absent: str = "(unset)") -> str:
+    """``key: old -> new`` for every key that differs, the first ``limit`` of them (0 = all)."""
     changed = [
-        f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
-        for k in keys
-        if saved.get(k) != now.get(k)
-    ]
-    return "; ".join(changed)
-
-
-def _signature_diff(saved: dict, now: dict, limit: int = 3) -> str:
-    changed = [
-        f"{k}: {saved.get(k, 'absent')} -> {now.get(k, 'absent')}"
+        f"{k}: {saved.get(k, absent)!r} -> {now.get(k, absent)!r}"
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
     ]
-    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
-    return "; ".join(changed[:limit]) + more
+    more = f" and {len(changed) - limit} more" if limit and len(changed) > limit else ""
+    return "; ".join(changed[: limit or None]) + more
 
 
 class CheckpointMismatch(ValueError):
@@ -135,7 +126,7 @@ class CheckpointManager:
         if state.get("fingerprint") != expected_fingerprint:
             changed = ""
             if "settings" in state and isinstance(expected_fingerprint, Fingerprint):
-                changed = f": {_settings_diff(state['settings'], expected_fingerprint.settings)}"
+                changed = f": {_diff(state['settings'], expected_fingerprint.settings)}"
             raise CheckpointMismatch(
                 f"{path} was written by a run with different settings or model "
                 f"(fingerprint {state.get('fingerprint')} != {expected_fingerprint}){changed}; {advice}"
@@ -143,7 +134,7 @@ class CheckpointManager:
         if "model" in state and state["model"] != (now := model_signature(accelerator)):
             raise CheckpointMismatch(
                 f"{path} was written for another model (same settings and paths, different parameters: "
-                f"{_signature_diff(state['model'], now)}); {advice}"
+                f"{_diff(state['model'], now, limit=3, absent='absent')}); {advice}"
             )
         accelerator.load_state(str(path))
         return state

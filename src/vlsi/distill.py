@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,13 +236,18 @@ def run_distill(cfg: DistillConfig) -> dict:
             raise ValueError("a distill config with a teacher also needs 'student' and 'train_data'")
         teacher, student, train, test = cfg.teacher, cfg.student, cfg.train_data, cfg.test_data
     else:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("the built-in tiny setting runs in one process; launch it without accelerate")
         tiny = dataclasses.replace(cfg.tiny, seed=cfg.seed)
         paths = prepare_tiny(tiny, root)
         teacher, student, train, test = (str(paths[k]) for k in ("teacher", "student", "train", "test"))
 
     models = Distiller(cfg, teacher, student, train).run()
     results = {}
-    if test:
+    # Evaluation is greedy generation on one device, by the main process only (under `accelerate launch`
+    # every process would otherwise write the same files); a model that needs several GPUs to generate
+    # (a 72B teacher) is better left out: leave test_data empty and run `vlsi eval` on what fits.
+    if test and int(os.environ.get("RANK", "0")) == 0:
         for key, path in models.items():
             results[key] = evaluate_once(Path(path), Path(test), root / "eval" / key, key, cfg.image_root)
         (root / "results.json").write_text(json.dumps(results, indent=2))
