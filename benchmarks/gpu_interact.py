@@ -140,7 +140,8 @@ def plan_estimate(names, t_layers, s_layers, settings) -> dict:
     """``vlsi plan``'s step-2 estimate for this very setting (one GPU, so no DDP bucket)."""
     import dataclasses
 
-    from vlsi.plan import GIB, complete_recipe, estimate_memory, summarize
+    from vlsi.memory import GIB, estimate_memory
+    from vlsi.plan import complete_recipe, summarize
 
     teacher, student = summarize(names[0]), summarize(names[1])
     interact_keys = {f.name for f in dataclasses.fields(settings)} - {"image_root"}

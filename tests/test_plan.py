@@ -16,13 +16,12 @@ from vlsi.backbone import parse_layers
 from vlsi.cli import build_config, main
 from vlsi.distill import DistillConfig
 from vlsi.interact import InteractConfig
+from vlsi.memory import GIB, estimate_memory
 from vlsi.plan import (
-    GIB,
     PlanConfig,
     block_centres,
     check_pair,
     complete_recipe,
-    estimate_memory,
     load_recipe,
     make_plan,
     summarize,
@@ -110,7 +109,7 @@ def test_bundled_configs_rebuild_the_real_models(summaries):
 
 
 def test_verbalizers_of_the_7b_student_are_the_papers_269m(summaries):
-    from vlsi.plan import verbalizer_parameters
+    from vlsi.memory import verbalizer_parameters
 
     layers = list(range(2, 28, 4))
     n = verbalizer_parameters(summaries[QWEN_7B].backbone, layers)
