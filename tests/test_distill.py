@@ -3,6 +3,11 @@
 import argparse
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -116,3 +121,40 @@ def test_tiny_preset_applies_only_without_a_teacher():
 
     assert _default_values("distill", argparse.Namespace(teacher=None)) is TINY_PRESET
     assert _default_values("distill", argparse.Namespace(teacher="Qwen/Qwen2-VL-72B-Instruct")) is None
+
+
+def _distill(out) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "vlsi.cli", "distill", "--out", str(out), *SMALL]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_distill_resumes_its_unfinished_stage(tmp_path):
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = _distill(killed)
+    # Killed once step 2 has written its first checkpoint: steps before it are finished, step 2 is not.
+    first = killed / "step2_interact" / "checkpoints" / "step-0000001" / "state.json"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "step2_interact" / "train_summary.json").exists()
+
+    rerun = _distill(killed)
+    printed = rerun.communicate()[0]
+    assert rerun.returncode == 0, printed[-3000:]
+    assert "[skip] step 1: verbalizers of the student" in printed and "[run ] step 2: interaction" in printed
+    reference = _distill(whole)
+    assert reference.communicate()[0] and reference.returncode == 0
+
+    def losses(root):
+        return [
+            json.loads(line)["loss"]
+            for line in (root / "step2_interact/train_log.jsonl").read_text().splitlines()
+        ]
+
+    assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
+    ours, theirs = (json.loads((root / "results.json").read_text()) for root in (killed, whole))
+    assert {k: m["accuracy"] for k, m in ours.items()} == {k: m["accuracy"] for k, m in theirs.items()}

@@ -57,6 +57,7 @@ from vlsi.runtime import (
     global_response_tokens,
     global_token_mean,
     grad_sync,
+    history_tail,
     make_accelerator,
     mixed_precision,
     next_batch,
@@ -415,7 +416,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
 
     fp = run_fingerprint(cfg, world, teacher_layers=teacher_layers, student_layers=student_layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, history = 0, 0, []
     log_file, match_file = out / "train_log.jsonl", out / "match_log.jsonl"
     if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file, match_file])) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -423,12 +424,13 @@ def train_interaction(cfg: InteractConfig) -> dict:
         mine = state["per_process"][accelerator.process_index]
         generator.set_state(torch.tensor(mine["generator"], dtype=torch.uint8))
         counts = {k: torch.tensor(mine[k], dtype=torch.int64) for k in counts}
+        history = state.get("history", [])
         log.info("resumed at step %d", step)
 
     loss_module.train()
     bar = progress_bar(accelerator, total, step, "interact")
     out.mkdir(parents=True, exist_ok=True)
-    start, run_tokens, history = time.perf_counter(), 0, []
+    start, run_tokens = time.perf_counter(), 0
     while step < total:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
         n_resp = global_response_tokens(accelerator, micro)
@@ -483,6 +485,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
                 "fingerprint": fp,
                 "tokens_seen": tokens_seen,
                 "data": stream.state(),
+                "history": history_tail(history, cfg),
                 # Each process samples its own matches; all of them are needed for an exact resume.
                 "per_process": gather_object([mine]),
             }

@@ -166,6 +166,12 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def history_tail(history: list, cfg: TrainingArgs) -> list:
+    """The recent per-step losses a checkpoint keeps, so that after a resume the log averages and the
+    summary's final loss (last 10 steps) are those of an uninterrupted run."""
+    return history[-max(cfg.log_every, 10) :]
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")

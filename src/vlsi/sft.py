@@ -29,6 +29,7 @@ from vlsi.runtime import (
     global_response_tokens,
     global_token_mean,
     grad_sync,
+    history_tail,
     make_accelerator,
     model_inputs,
     next_batch,
@@ -98,17 +99,18 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, model, len(dataset))
     fp = run_fingerprint(cfg, world)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, losses = 0, 0, []
     log_file = out / "train_log.jsonl"
     if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         stream.load(state["data"])
+        losses = state.get("history", [])
         log.info("resumed at step %d", step)
 
     model.train()
     bar = progress_bar(accelerator, total, step, "sft")
     out.mkdir(parents=True, exist_ok=True)
-    start, run_tokens, losses = time.perf_counter(), 0, []
+    start, run_tokens = time.perf_counter(), 0
     while step < total:
         window_tokens = 0
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
@@ -143,7 +145,14 @@ def train_sft(cfg: SFTConfig) -> dict:
             append_jsonl(log_file, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpts.save(
-                accelerator, step, {"fingerprint": fp, "tokens_seen": tokens_seen, "data": stream.state()}
+                accelerator,
+                step,
+                {
+                    "fingerprint": fp,
+                    "tokens_seen": tokens_seen,
+                    "data": stream.state(),
+                    "history": history_tail(losses, cfg),
+                },
             )
     bar.close()
 

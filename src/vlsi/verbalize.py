@@ -42,6 +42,7 @@ from vlsi.runtime import (
     global_response_tokens,
     global_token_mean,
     grad_sync,
+    history_tail,
     make_accelerator,
     mixed_precision,
     next_batch,
@@ -290,17 +291,18 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
     fp = run_fingerprint(cfg, world, ignore=("eval_max_records",), target_layers=layers)
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step = 0
+    step, history = 0, []
     log_file = out / "train_log.jsonl"
     if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
         step = state["step"]
         stream.load(state["data"])
+        history = state.get("history", [])
         log.info("resumed at step %d", step)
 
     loss_module.train()
     bar = progress_bar(accelerator, total, step, "verbalize")
     out.mkdir(parents=True, exist_ok=True)
-    start, history = time.perf_counter(), []
+    start = time.perf_counter()
     while step < total:
         micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
         n_resp = global_response_tokens(accelerator, micro)
@@ -330,7 +332,8 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
             }
             append_jsonl(log_file, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            ckpts.save(accelerator, step, {"fingerprint": fp, "data": stream.state()})
+            state = {"fingerprint": fp, "data": stream.state(), "history": history_tail(history, cfg)}
+            ckpts.save(accelerator, step, state)
     bar.close()
 
     accelerator.wait_for_everyone()
