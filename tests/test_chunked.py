@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsi.chunked import LABELS, Term, head_losses, head_weight, log_prob_divergence, score_matrix
-from vlsi.divergences import DIVERGENCES, divergence, shared_vocab
+from vlsi.chunked import LABELS, Term, head_losses, head_weight, score_matrix
+from vlsi.divergences import DIVERGENCES, divergence, log_prob_divergence, shared_vocab
 
 N, D_S, D_T, V_S, V_T = 13, 8, 12, 37, 41  # the teacher head has 4 padding rows beyond the shared 37
 # One chunk, uneven chunks, one token at a time, and a chunk larger than N.

@@ -27,7 +27,7 @@ log-softmax in at least float32. The teacher side never carries a graph. Heads w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vlsi.divergences import DIVERGENCES
+from vlsi.divergences import DIVERGENCES, log_prob_divergence
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
@@ -45,7 +45,6 @@ __all__ = [
     "chunked_unsupported",
     "head_losses",
     "head_weight",
-    "log_prob_divergence",
     "score_chunk_tokens",
     "score_matrix",
 ]
@@ -57,9 +56,6 @@ LOSS_IMPLS = ("chunked", "reference")
 DEFAULT_CHUNK_TOKENS = 128
 # The op of a term trained with cross-entropy to the label tokens rather than against a teacher.
 LABELS = "labels"
-
-# (teacher log-probs [c, V], student log-probs [c, V]) -> summed divergence over the c rows, without tau**2.
-LogProbDivergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def chunked_unsupported(head: nn.Module) -> str | None:
@@ -91,39 +87,6 @@ def chunk_tokens(impl: str, chunk: int) -> int | None:
     if chunk < 1:
         raise ValueError(f"--loss-chunk-tokens must be >= 1, got {chunk}")
     return chunk if impl == "chunked" else None
-
-
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    # sum KL(p || q); F.kl_div(input, target) is KL(target || input), as in vlsi.divergences.
-    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-
-
-def log_prob_divergence(name: str, beta: float = 0.5) -> LogProbDivergence:
-    """The divergence ``name`` of :mod:`vlsi.divergences` on log-probabilities that are already computed.
-
-    The reference functions take logits and log-softmax both sides per call; scoring t_s x t_l pairs that
-    way repeats each log-softmax t_l (or t_s) times. The formulas are the reference's, term for term.
-    """
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
-    if name == "forward_kl":
-        return lambda log_pt, log_ps: _kl(log_pt, log_ps)
-    if name == "reverse_kl":
-        return lambda log_pt, log_ps: _kl(log_ps, log_pt)
-    if name == "ce":
-        return lambda log_pt, log_ps: -(log_pt.exp() * log_ps).sum()
-    if name == "l2":
-        return lambda log_pt, log_ps: (log_pt.exp() - log_ps.exp()).pow(2).sum()
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
-
-    def jsd(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
-        log_beta = torch.tensor(beta, dtype=log_pt.dtype, device=log_pt.device).log()
-        log_1m_beta = torch.tensor(1.0 - beta, dtype=log_pt.dtype, device=log_pt.device).log()
-        log_m = torch.logaddexp(log_pt + log_beta, log_ps + log_1m_beta)
-        return beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
-
-    return jsd
 
 
 def _log_softmax(logits: torch.Tensor, tau: float) -> torch.Tensor:

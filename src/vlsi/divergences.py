@@ -43,6 +43,7 @@ __all__ = [
     "divergence",
     "forward_kl",
     "jsd",
+    "log_prob_divergence",
     "mse",
     "reverse_kl",
     "shared_vocab",
@@ -50,6 +51,8 @@ __all__ = [
 
 # (teacher_logits [N, V], student_logits [N, V], tau) -> summed divergence, a 0-dim tensor.
 Divergence = Callable[..., torch.Tensor]
+# (teacher log-probs [c, V], student log-probs [c, V]) -> summed divergence over the c rows, without tau**2.
+LogProbDivergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _log_probs(
@@ -78,20 +81,45 @@ def _scaled(value: torch.Tensor, tau: float, tau_squared: bool) -> torch.Tensor:
     return value * tau**2 if tau_squared else value
 
 
+def log_prob_divergence(name: str, beta: float = 0.5) -> LogProbDivergence:
+    """The formula of divergence ``name`` on log-probabilities already computed: the one place each is
+    written. The functions below apply it to whole logits; :mod:`vlsi.chunked` to chunks it normalised once
+    per layer (scoring t_s x t_l pairs from logits would repeat each log-softmax t_l or t_s times)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+    if name == "forward_kl":
+        return lambda log_pt, log_ps: _kl(log_pt, log_ps)
+    if name == "reverse_kl":
+        return lambda log_pt, log_ps: _kl(log_ps, log_pt)
+    if name == "ce":
+        return lambda log_pt, log_ps: -(log_pt.exp() * log_ps).sum()
+    if name == "l2":
+        return lambda log_pt, log_ps: (log_pt.exp() - log_ps.exp()).pow(2).sum()
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
+
+    def jsd_formula(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
+        log_beta = torch.tensor(beta, dtype=log_pt.dtype, device=log_pt.device).log()
+        log_1m_beta = torch.tensor(1.0 - beta, dtype=log_pt.dtype, device=log_pt.device).log()
+        # log m without leaving log space; logaddexp avoids the [2, N, V] copy a stacked logsumexp would make.
+        log_m = torch.logaddexp(log_pt + log_beta, log_ps + log_1m_beta)  # [N, V]
+        return beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+
+    return jsd_formula
+
+
 def forward_kl(
     t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
 ) -> torch.Tensor:
     """Summed KL(p_t || p_s): mass-covering, the student is pushed to cover every mode of the teacher."""
-    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
-    return _scaled(_kl(log_pt, log_ps), tau, tau_squared)
+    return _scaled(log_prob_divergence("forward_kl")(*_log_probs(t_logits, s_logits, tau)), tau, tau_squared)
 
 
 def reverse_kl(
     t_logits: torch.Tensor, s_logits: torch.Tensor, tau: float = 1.0, *, tau_squared: bool = True
 ) -> torch.Tensor:
     """Summed KL(p_s || p_t): mode-seeking, the student may drop teacher modes it cannot fit."""
-    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
-    return _scaled(_kl(log_ps, log_pt), tau, tau_squared)
+    return _scaled(log_prob_divergence("reverse_kl")(*_log_probs(t_logits, s_logits, tau)), tau, tau_squared)
 
 
 def jsd(
@@ -106,15 +134,8 @@ def jsd(
 
     Zero at beta = 0 and beta = 1 (see the module docstring for how this differs from TRL's endpoints).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
-    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
-    log_beta = torch.tensor(beta, dtype=log_pt.dtype, device=log_pt.device).log()
-    log_1m_beta = torch.tensor(1.0 - beta, dtype=log_pt.dtype, device=log_pt.device).log()
-    # log m without leaving log space; logaddexp avoids the [2, N, V] copy a stacked logsumexp would make.
-    log_m = torch.logaddexp(log_pt + log_beta, log_ps + log_1m_beta)  # [N, V]
-    value = beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
-    return _scaled(value, tau, tau_squared)
+    formula = log_prob_divergence("jsd", beta)  # checks beta before any work
+    return _scaled(formula(*_log_probs(t_logits, s_logits, tau)), tau, tau_squared)
 
 
 def ce_to_teacher(
@@ -125,8 +146,7 @@ def ce_to_teacher(
     Equals forward KL plus the teacher's entropy: the same gradient for the student, but not zero at a
     perfect match, which is why it is not the matching score.
     """
-    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
-    return _scaled(-(log_pt.exp() * log_ps).sum(), tau, tau_squared)
+    return _scaled(log_prob_divergence("ce")(*_log_probs(t_logits, s_logits, tau)), tau, tau_squared)
 
 
 def mse(
@@ -137,8 +157,7 @@ def mse(
     Summed, not averaged, over the vocabulary: a mean over 151k entries would shrink the loss (and its
     gradient) by the vocabulary size. The mean over tokens is the caller's, as for every divergence here.
     """
-    log_pt, log_ps = _log_probs(t_logits, s_logits, tau)
-    return _scaled((log_pt.exp() - log_ps.exp()).pow(2).sum(), tau, tau_squared)
+    return _scaled(log_prob_divergence("l2")(*_log_probs(t_logits, s_logits, tau)), tau, tau_squared)
 
 
 _REGISTRY: dict[str, Divergence] = {
