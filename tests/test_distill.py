@@ -43,8 +43,13 @@ def test_tiny_preset_names_only_real_options():
 
 def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["distill", "--out", str(out), *SMALL]) == 0
+    # With the train-only captions on, so the steps also see records of another shape and length.
+    args = ["distill", "--out", str(out), "--tiny-captions", *SMALL]
+    assert main(args) == 0
 
+    skills = {r["skill"] for r in json.loads((out / "data" / "train.json").read_text())}
+    assert "caption" in skills
+    assert all(r["skill"] != "caption" for r in json.loads((out / "data" / "test.json").read_text()))
     results = json.loads((out / "results.json").read_text())
     assert set(results) == set(MODELS)
     for metrics in results.values():
@@ -62,7 +67,7 @@ def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert resolved["interact"]["max_steps"] == 2 and resolved["controls"] is True
 
     capsys.readouterr()
-    assert main(["distill", "--out", str(out), *SMALL]) == 0
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "[run ]" not in printed and printed.count("[skip]") >= 10
 

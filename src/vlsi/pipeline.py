@@ -25,6 +25,10 @@ class TinySettings:
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
     train: int = field(default=6000, metadata={"help": "synthetic train questions"})
     test: int = field(default=500, metadata={"help": "synthetic test records"})
+    captions: bool = field(
+        default=False,
+        metadata={"help": "add a train-only 'describe the board' record per image (see the README's trials)"},
+    )
     steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for the teacher base"})
     student_steps: int = field(
         default=0, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
@@ -81,7 +85,9 @@ def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[st
     data, models = root / "data", root / "models"
     # Markers are written after the stage's last file, so a stage killed half-way runs again.
     if stage(data / "synth_complete", "synthetic data"):
-        generate(SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed))
+        generate(
+            SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed, captions=cfg.captions)
+        )
         (data / "synth_complete").touch()
     if stage(models / "tiny_complete", "tiny teacher and student"):
         build_tiny(TinyConfig(out=str(models), seed=cfg.seed))
