@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--name", required=True, help="trial name; its files go to OUT/NAME")
     p.add_argument("--data", required=True, help="a `vlsi synth` output directory")
     p.add_argument("--out", default="runs/base_trials")
-    p.add_argument("--results", default="runs/base_trials/results.jsonl")
+    p.add_argument("--results", default="", help="JSON-lines file to append to (default: OUT/results.jsonl)")
     p.add_argument("--model", choices=["teacher", "student"], default="teacher")
     p.add_argument("--skills", default="", help="comma-separated skills to keep (captions are kept)")
     p.add_argument("--question-first", action="store_true", help="put the image after the first question")
@@ -73,7 +73,7 @@ def main() -> None:
         "per_skill": {k: v["accuracy"] for k, v in metrics["per_skill"].items()},
     }
     print(json.dumps(row))
-    with open(a.results, "a") as f:
+    with open(a.results or Path(a.out) / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
