@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="peak lr; the cosine ends at lr / 100")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="rotary base of the language model")
     p.add_argument("--vision-dim", type=int, default=64)
+    p.add_argument("--mrope", default="", help="time,rows,columns rotary frequencies, e.g. 1,3,12")
     a = p.parse_args()
 
     root = Path(a.out) / a.name
@@ -60,7 +61,12 @@ def main() -> None:
         files[split] = root / f"{split}.json"
         files[split].write_text(json.dumps(trial_records(data, split, skills, a.question_first)))
     models = build_tiny(
-        TinyConfig(out=str(root / "models"), rope_theta=a.rope_theta, vision_dim=a.vision_dim)
+        TinyConfig(
+            out=str(root / "models"),
+            rope_theta=a.rope_theta,
+            vision_dim=a.vision_dim,
+            mrope_section=a.mrope,
+        )
     )
     settings = TinySettings(batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 100)
     summary = train_sft(base_sft_config(settings, models[a.model], files["train"], root / "sft", a.steps))

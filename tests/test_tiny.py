@@ -1,9 +1,10 @@
 import json
 
+import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
-from vlsi.tiny import count_parameters
+from vlsi.tiny import TinyConfig, build_config, build_tokenizer, count_parameters
 
 
 def test_tiny_models_are_tiny_and_shaped_like_the_family(tiny_models):
@@ -59,3 +60,13 @@ def test_layer_states_through_the_output_head_give_the_models_logits(tiny_models
         states = backbone.layer_states([last], batch)
         expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.allclose(backbone.output_logits(states[last]), expected, atol=1e-5)
+
+
+def test_mrope_section_is_checked_and_lands_in_the_config():
+    tokenizer = build_tokenizer(512)
+    cfg = TinyConfig(out="unused", mrope_section="1,3,12")
+    config = build_config(cfg, cfg.teacher, tokenizer)  # head_dim 32: 16 frequencies
+    assert config.text_config.rope_parameters["mrope_section"] == [1, 3, 12]
+    for bad in ("1,3,11", "0,4,12", "4,12"):
+        with pytest.raises(ValueError, match="head_dim / 2 = 16"):
+            build_config(TinyConfig(out="unused", mrope_section=bad), cfg.teacher, tokenizer)

@@ -84,6 +84,12 @@ class TinyConfig:
     vision_dim: int = field(default=64, metadata={"help": "vision encoder width (shared architecture)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "rotary base of the language model"})
     vision_rope_theta: float = field(default=10000.0, metadata={"help": "rotary base of the vision encoder"})
+    mrope_section: str = field(
+        default="",
+        metadata={
+            "help": "rotary frequencies for time,rows,columns, e.g. 1,3,12 (sum: head_dim / 2; empty = Qwen's split)"
+        },
+    )
     teacher: LMSize = field(
         default_factory=lambda: LMSize(
             hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=384
@@ -136,6 +142,13 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
     half = head_dim // 2
     # M-RoPE splits the rotary half-dimension into temporal / height / width sections (Qwen uses 16/24/24 of 64).
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    if cfg.mrope_section:
+        # The sections take the frequencies in order, highest first: columns always get the lowest.
+        mrope_section = [int(x) for x in cfg.mrope_section.split(",")]
+        if len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != half:
+            raise ValueError(
+                f"mrope_section {cfg.mrope_section!r} must be 3 positive counts summing to head_dim / 2 = {half}"
+            )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
