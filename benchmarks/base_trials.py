@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--question-first", action="store_true", help="put the image after the first question")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak lr; the cosine ends at lr / 100")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine (default: lr / 100)")
     p.add_argument("--rope-theta", type=float, default=10000.0, help="rotary base of the language model")
     p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--mrope", default="", help="time,rows,columns rotary frequencies, e.g. 1,3,12")
@@ -68,7 +69,7 @@ def main() -> None:
             mrope_section=a.mrope,
         )
     )
-    settings = TinySettings(batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 100)
+    settings = TinySettings(batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr or a.lr / 100)
     summary = train_sft(base_sft_config(settings, models[a.model], files["train"], root / "sft", a.steps))
     metrics = evaluate(EvalConfig(model=str(root / "sft"), data=str(files["test"]), out=str(root / "eval")))
     row = {
