@@ -1,7 +1,8 @@
 """Trials of the tiny setting's bases: how fast a tiny teacher or student learns the synthetic task.
 
-Each trial builds fresh tiny models (optionally with another rotary base or vision width), trains one
-of them with the tiny setting's SFT settings on a synthetic data directory (optionally keeping only
+Each trial builds fresh tiny models (optionally with another rotary base, rotary sections or vision
+width), trains one of them with the tiny setting's SFT settings (the learning rate and the end of its
+cosine can be changed) on a synthetic data directory (optionally keeping only
 some skills, or moving the question before the image), evaluates it on the test split and appends
 one JSON line to ``--results``. The README's "Trials with train-only captions" tables came from it:
 

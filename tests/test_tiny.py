@@ -67,6 +67,6 @@ def test_mrope_section_is_checked_and_lands_in_the_config():
     cfg = TinyConfig(out="unused", mrope_section="1,3,12")
     config = build_config(cfg, cfg.teacher, tokenizer)  # head_dim 32: 16 frequencies
     assert config.text_config.rope_parameters["mrope_section"] == [1, 3, 12]
-    for bad in ("1,3,11", "0,4,12", "4,12"):
+    for bad in ("1,3,11", "0,4,12", "4,12", "a,b,c"):
         with pytest.raises(ValueError, match="head_dim / 2 = 16"):
             build_config(TinyConfig(out="unused", mrope_section=bad), cfg.teacher, tokenizer)

@@ -144,7 +144,8 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     if cfg.mrope_section:
         # The sections take the frequencies in order, highest first: columns always get the lowest.
-        mrope_section = [int(x) for x in cfg.mrope_section.split(",")]
+        parts = cfg.mrope_section.split(",")
+        mrope_section = [int(x) for x in parts] if all(x.strip().isdigit() for x in parts) else []
         if len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != half:
             raise ValueError(
                 f"mrope_section {cfg.mrope_section!r} must be 3 positive counts summing to head_dim / 2 = {half}"
