@@ -100,8 +100,9 @@ PRESETS = {
 def qwen2_vl_config(lm: LM):
     from transformers import Qwen2VLConfig
 
-    half = lm.hidden // lm.heads // 2
-    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    from vlsi.tiny import mrope_sections
+
+    mrope = mrope_sections(lm.hidden // lm.heads // 2)
     text = dict(
         vocab_size=lm.vocab,
         hidden_size=lm.hidden,

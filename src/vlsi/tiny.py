@@ -135,21 +135,24 @@ def build_image_processor(image_size: int, patch_size: int) -> Qwen2VLImageProce
     return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, min_pixels=pixels, max_pixels=pixels)
 
 
+def mrope_sections(half: int, spec: str = "") -> list[int]:
+    """M-RoPE's temporal / height / width split of the rotary half-dimension ``half``: Qwen's proportions
+    (16/24/24 of 64) or, from ``spec`` ("1,3,12"), a checked custom split."""
+    if not spec:
+        return [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    # The sections take the frequencies in order, highest first: columns always get the lowest.
+    parts = spec.split(",")
+    sections = [int(x) for x in parts] if all(x.strip().isdigit() for x in parts) else []
+    if len(sections) != 3 or min(sections) < 1 or sum(sections) != half:
+        raise ValueError(f"mrope_section {spec!r} must be 3 positive counts summing to head_dim / 2 = {half}")
+    return sections
+
+
 def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
     head_dim = size.hidden_size // size.num_heads
     if head_dim % 8:
         raise ValueError(f"head_dim {head_dim} must be a multiple of 8 for multimodal rotary sections")
-    half = head_dim // 2
-    # M-RoPE splits the rotary half-dimension into temporal / height / width sections (Qwen uses 16/24/24 of 64).
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    if cfg.mrope_section:
-        # The sections take the frequencies in order, highest first: columns always get the lowest.
-        parts = cfg.mrope_section.split(",")
-        mrope_section = [int(x) for x in parts] if all(x.strip().isdigit() for x in parts) else []
-        if len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != half:
-            raise ValueError(
-                f"mrope_section {cfg.mrope_section!r} must be 3 positive counts summing to head_dim / 2 = {half}"
-            )
+    mrope_section = mrope_sections(head_dim // 2, cfg.mrope_section)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
