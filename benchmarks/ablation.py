@@ -70,8 +70,25 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(target.resolve(), target_is_directory=True)
 
 
-def run_seed(out: Path, seed: int, extra: list[str], threads: int) -> Path:
+# What --share-bases reuses from the first seed: the data, the stage-0 encoder and both SFT bases.
+BASE_STAGES = (
+    "data",
+    "models",
+    "stage0_vision",
+    "teacher_sft",
+    "student_sft",
+    "eval/teacher",
+    "eval/student_base",
+)
+
+
+def run_seed(out: Path, seed: int, extra: list[str], threads: int, bases: Path | None = None) -> Path:
     root = out / f"seed{seed}"
+    if bases is not None and bases != root:
+        # Linked stages carry their markers, so `vlsi distill` skips them and reseeds only steps 1-3.
+        for name in BASE_STAGES:
+            if (bases / name).exists():
+                _link(bases / name, root / name)
     _run(
         [sys.executable, "-m", "vlsi.cli", "distill", "--out", str(root), "--seed", str(seed), *extra],
         root / "log.txt",
@@ -129,16 +146,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
     parser.add_argument("--readme", type=Path, default=None, help="replace the ablation block in this file")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="comma-separated ablation rows to run (default: all); the others are left out of the tables",
+    )
+    parser.add_argument(
+        "--share-bases",
+        action="store_true",
+        help="train data and bases once (first seed); later seeds reseed steps 1-3 and the controls only",
+    )
     args, extra = parser.parse_known_args(argv)  # anything else goes to every `vlsi distill`
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
 
     with ThreadPoolExecutor(args.jobs) as pool:
+        bases = None
+        if args.share_bases:
+            # Alone on the machine, so with every core.
+            bases = run_seed(args.out, seeds[0], extra, os.cpu_count() or threads)
         roots = dict(
-            zip(seeds, pool.map(lambda s: run_seed(args.out, s, extra, threads), seeds), strict=True)
+            zip(seeds, pool.map(lambda s: run_seed(args.out, s, extra, threads, bases), seeds), strict=True)
         )
         variants = {**MATCHING, **OPERATIONS}
+        if args.variants:
+            chosen = [v.strip() for v in args.variants.split(",")]
+            if unknown := [v for v in chosen if v not in variants]:
+                raise SystemExit(f"unknown variants {unknown}; choose from {list(variants)}")
+            variants = {v: variants[v] for v in chosen}
         jobs = {
             (name, seed): pool.submit(run_variant, roots[seed], seed, name, overrides, extra, threads)
             for name, overrides in variants.items()
@@ -154,21 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     def variant(name: str) -> list[float]:
         return [variant_results[name, s]["accuracy"] for s in seeds]
 
+    ran = {name for name, _ in variant_results}
+
     tables = {
         "main": {MODELS[k]: acc(k) for k in MAIN_ROWS},
         "matching": {
-            **{name: variant(name) for name in MATCHING},
+            **{name: variant(name) for name in MATCHING if name in ran},
             "+ adaptive temperature (VLsI)": acc("vlsi"),
         },
         "operations": {
             **{op: acc(alias) for op, alias in OPERATION_ALIASES.items()},
-            **{name: variant(name) for name in OPERATIONS},
+            **{name: variant(name) for name in OPERATIONS if name in ran},
         },
     }
     titles = {"main": "model", "matching": "matching strategy", "operations": "step-2 operations"}
-    header = (
-        f"Built-in tiny setting, seeds {args.seeds}: mean ± std of test accuracy over {len(seeds)} seeds."
+    shared = (
+        " (data and bases of the first seed; steps 1-3 and controls reseeded)" if args.share_bases else ""
     )
+    header = f"Built-in tiny setting, seeds {args.seeds}{shared}: mean ± std of test accuracy over {len(seeds)} seeds."
     markdown = "\n\n".join([header] + [table(titles[k], rows) for k, rows in tables.items()])
     print(markdown)
     print(f"ablation done in {time.perf_counter() - t0:.0f} s")

@@ -19,7 +19,8 @@ from vlsi.sft import SFTSettings
 
 # Every step of the built-in setting shrunk to a few updates on a few records.
 SMALL = (
-    "--tiny-train 32 --tiny-test 8 --tiny-steps 2 --tiny-student-steps 2 --tiny-batch-size 4 "
+    "--tiny-train 16 --tiny-pool 24 --tiny-val 3 --tiny-test 4 --tiny-vision-steps 2 --tiny-eval-every 1 "
+    "--tiny-steps 2 --tiny-student-steps 2 --tiny-batch-size 4 "
     "--verbalize-max-steps 2 --verbalize-batch-size 4 --interact-max-steps 2 --interact-batch-size 4 "
     "--interact-save-every 1 --sft-max-steps 3 --sft-batch-size 4 --eval-batch-size 8"
 ).split()
@@ -43,19 +44,21 @@ def test_tiny_preset_names_only_real_options():
 
 def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = tmp_path / "run"
-    # With the train-only captions on, so the steps also see records of another shape and length.
-    args = ["distill", "--out", str(out), "--tiny-captions", *SMALL]
+    args = ["distill", "--out", str(out), *SMALL]
     assert main(args) == 0
 
-    skills = {r["skill"] for r in json.loads((out / "data" / "train.json").read_text())}
-    assert "caption" in skills
-    assert all(r["skill"] != "caption" for r in json.loads((out / "data" / "test.json").read_text()))
+    # The teacher base learned from the pool, the student base from the distillation set.
+    teacher_sft = json.loads((out / "teacher_sft" / "train_summary.json").read_text())
+    student_sft = json.loads((out / "student_sft" / "train_summary.json").read_text())
+    assert teacher_sft["records"] == 24 and student_sft["records"] == 16
+    assert (out / "stage0_vision" / "vision_summary.json").exists()
     results = json.loads((out / "results.json").read_text())
     assert set(results) == set(MODELS)
     for metrics in results.values():
-        assert metrics["n"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
+        assert metrics["n"] == 4 * 3 and 0.0 <= metrics["accuracy"] <= 1.0
     report = (out / "report.md").read_text()
     assert "| VLsI student (`vlsi`) |" in report and "step2_interact/matches_last.png" in report
+    assert "curves.png" in report and (out / "curves.png").exists() and (out / "skills.png").exists()
     # The SFT control had steps 2 + 3's updates; final-layer KD trained no verbalized layer.
     control = json.loads((out / "control_sft" / "train_summary.json").read_text())
     assert control["steps"] == 2 + 3
@@ -70,6 +73,16 @@ def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "[run ]" not in printed and printed.count("[skip]") >= 10
+
+
+def test_grid_task_with_captions_still_runs(tmp_path):
+    # The earlier task, with its train-only captions: records of another shape and length.
+    out = tmp_path / "grid"
+    grid = ["--tiny-task", "grid", "--tiny-captions", "--tiny-train", "32", "--tiny-test", "8"]
+    assert main(["distill", "--out", str(out), *SMALL, *grid, "--no-controls"]) == 0
+    assert "caption" in {r["skill"] for r in json.loads((out / "data" / "train.json").read_text())}
+    assert all(r["skill"] != "caption" for r in json.loads((out / "data" / "test.json").read_text()))
+    assert json.loads((out / "results.json").read_text())["vlsi"]["n"] == 8
 
 
 def test_config_with_a_teacher_needs_student_and_data(tmp_path, capsys):

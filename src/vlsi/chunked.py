@@ -4,7 +4,7 @@ A verbalized layer speaks through the language head, ``logits = features @ W.T``
 ``[V, D]`` (Qwen2-VL: V = 151,936). The features are small (``[N, D]`` at the N response tokens), the logits
 are not: the straightforward losses (:func:`vlsi.divergences.divergence` on whole ``[N, V]`` logits, kept
 as the reference and used by the tests) hold every student layer's logits with their graphs, every
-teacher layer's logits and the divergence temporaries at once (METHOD.md, "Where the compute and memory
+teacher layer's logits and the divergence temporaries at once (docs/method.md, "Where the compute and memory
 go"). Here only ``[chunk, V]`` blocks exist, one chunk of response tokens at a time:
 
 - :func:`score_matrix`, the matching scores, has no graph. Per chunk each student layer's log-probabilities

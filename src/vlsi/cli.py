@@ -113,6 +113,12 @@ def _cmd_synth(cfg):
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_digits(cfg):
+    from vlsi.digits import generate
+
+    print(json.dumps(generate(cfg), indent=2))
+
+
 def _cmd_tiny(cfg):
     from transformers import AutoModelForImageTextToText
 
@@ -211,6 +217,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from vlsi.digits import DigitsConfig
     from vlsi.distill import DistillConfig
     from vlsi.evaluate import EvalConfig
     from vlsi.interact import InteractConfig
@@ -222,7 +229,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from vlsi.verbalize import InspectConfig, VerbalizeConfig
 
     return {
-        "synth": (SynthConfig, _cmd_synth, "write the synthetic visual-question dataset"),
+        "digits": (DigitsConfig, _cmd_digits, "write the built-in digits task (the tiny setting's data)"),
+        "synth": (SynthConfig, _cmd_synth, "write the earlier grid task (positions, colours, shapes)"),
         "tiny": (TinyConfig, _cmd_tiny, "build the tiny random-weight teacher and student"),
         "sft": (SFTConfig, _cmd_sft, "supervised fine-tuning (VLsI step 3)"),
         "eval": (EvalConfig, _cmd_eval, "greedy-generation accuracy on a LLaVA-format file"),

@@ -31,6 +31,7 @@ import yaml
 
 from vlsi.backbone import parse_layers
 from vlsi.export import is_exported
+from vlsi.figures import plot_curves, plot_skills, read_curve
 from vlsi.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.sft import SFTConfig, SFTSettings, train_sft
@@ -79,11 +80,11 @@ class DistillConfig:
 
 
 # The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
-# included, finishes in under 10 minutes on a 2-core CPU. Flags still override any of it.
+# included, finishes in about 15 minutes on a 2-core CPU. Flags still override any of it.
 TINY_PRESET: dict = {
     "out": "runs/distill",
     "controls": True,
-    "tiny": {"steps": 600, "student_steps": 400},
+    "tiny": {"steps": 700, "student_steps": 1000},
     "verbalize": {"max_steps": 150, "batch_size": 32, "lr": 1e-3, "min_lr": 1e-5, "max_length": 256},
     "interact": {
         "max_steps": 150,
@@ -262,6 +263,17 @@ def report(results: dict, root: Path) -> str:
     lines = ["# VLsI distillation report", "", "| model | accuracy |", "| --- | --- |"]
     lines += [f"| {MODELS[k]} (`{k}`) | {m['accuracy']:.3f} |" for k, m in results.items()]
     lines += ["", "## Per skill", "", results_table(results), ""]
+    plot_skills(results, MODELS, root / "skills.png")
+    lines += ["![accuracy per skill](skills.png)", ""]
+    curves = {name: read_curve(root / f"{name}_sft" / "curve.jsonl") for name in ("teacher", "student")}
+    if any(curves.values()):
+        plot_curves({f"{k} base": v for k, v in curves.items()}, root / "curves.png")
+        lines += [
+            "## Learning curves of the bases (validation split)",
+            "",
+            "![learning curves](curves.png)",
+            "",
+        ]
     figures = [
         ("Step 2 matches, first 10% of steps", "step2_interact/matches_first.png"),
         ("Step 2 matches, last 10% of steps", "step2_interact/matches_last.png"),

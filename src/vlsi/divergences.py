@@ -13,7 +13,7 @@ Conventions
   as ``1/tau**2`` when ``tau`` grows and a change of ``tau`` needs no change of the loss weight. At
   ``tau = 1`` (this project's default) the factor is 1. The same factor applies to every divergence here,
   ``l2`` included, so that switching the operation never silently rescales the loss.
-- Direction: ``forward_kl(t, s) = KL(p_t || p_s)`` is the default [design, METHOD.md step 2];
+- Direction: ``forward_kl(t, s) = KL(p_t || p_s)`` is the default [design, docs/method.md "KL direction and averaging"];
   ``reverse_kl(t, s) = KL(p_s || p_t)``.
 - Generalised JSD, as in GKD (Agarwal et al. 2024, eq. 1) and TRL's ``GKDTrainer.generalized_jsd_loss``:
   ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``, ``m = beta * p_t + (1 - beta) * p_s``.

@@ -105,7 +105,9 @@ def generate_answers(model, processor: VLProcessor, prompts: list[dict], max_new
     return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def evaluate(cfg: EvalConfig, model=None, processor: VLProcessor | None = None) -> dict:
+def evaluate(
+    cfg: EvalConfig, model=None, processor: VLProcessor | None = None, progress: bool = True
+) -> dict:
     processor = processor or VLProcessor.from_pretrained(cfg.model)
     if model is None:
         model = load_model(cfg.model, dtype=torch.float32)
@@ -131,7 +133,7 @@ def evaluate(cfg: EvalConfig, model=None, processor: VLProcessor | None = None) 
             )
         pending.clear()
 
-    for index in tqdm(range(len(records)), desc="eval", dynamic_ncols=True):
+    for index in tqdm(range(len(records)), desc="eval", dynamic_ncols=True, disable=not progress):
         try:
             prompt, reference = encoder.encode_prompt(records[index], dataset.base)
         except RecordError as e:

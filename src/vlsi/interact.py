@@ -1,6 +1,6 @@
 """VLsI step 2 (interaction): the student's verbalized layers learn from matched teacher layers.
 
-Per micro-batch (METHOD.md, Algorithm 1):
+Per micro-batch (docs/method.md, "Algorithm 1"):
 
 1. The frozen teacher runs once under ``no_grad``; its hidden states at its verbalizers' target layers and
    its last layer are kept at response positions only (``[N, D]`` each, never ``[B, T, V]``).

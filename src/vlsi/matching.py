@@ -8,7 +8,7 @@ the caller's seeded CPU ``torch.Generator``, whose state can be checkpointed wit
 
 Strategies (``MatchingConfig.strategy``) reproduce the rows of the paper's ablation:
 
-- ``vlsi``: Algorithm 1 of METHOD.md. [paper] For i_s = 0 .. t_s-1 the candidates are the teacher layers
+- ``vlsi``: Algorithm 1 of docs/method.md. [paper] For i_s = 0 .. t_s-1 the candidates are the teacher layers
   ``i* <= i_l <= t_l - t_s + i_s``; ``T = scale / (max(kl_c) - min(kl_c) + eps)``; ``c* ~ softmax(-kl_c / T)``;
   ``i* = c* + 1``.
 - ``multinomial``: the same sampler with each ingredient switchable, for the ablation ladder. [design] The two

@@ -11,32 +11,56 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlsi.digits import DigitsConfig
+from vlsi.digits import generate as generate_digits
 from vlsi.evaluate import EvalConfig, evaluate
 from vlsi.export import is_exported
 from vlsi.sft import SFTConfig, train_sft
 from vlsi.synth import SynthConfig, generate
 from vlsi.tiny import TinyConfig, build_tiny
+from vlsi.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
 
 @dataclass
 class TinySettings:
-    """The built-in tiny setting's data and base models; ``vlsi distill`` runs it when no models are given."""
+    """The built-in tiny setting's data and base models; ``vlsi distill`` runs it when no models are given.
+
+    The ``digits`` task (:mod:`vlsi.digits`) follows the paper's regime: the teacher base learns from a
+    large pool, the student base and every distillation method from the smaller distillation set.
+    """
 
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
-    train: int = field(default=6000, metadata={"help": "synthetic train questions"})
-    test: int = field(default=500, metadata={"help": "synthetic test records"})
+    task: str = field(default="digits", metadata={"help": "digits (default) | grid (the earlier task)"})
+    train: int = field(
+        default=2000, metadata={"help": "distillation set: digits images, or grid train questions"}
+    )
+    pool: int = field(
+        default=20000, metadata={"help": "digits images the teacher base learns from (0 = the train set)"}
+    )
+    val: int = field(default=100, metadata={"help": "digits validation images (learning curves)"})
+    test: int = field(default=200, metadata={"help": "digits test images, or grid test records"})
     captions: bool = field(
         default=False,
-        metadata={"help": "add a train-only 'describe the board' record per image (see the README's trials)"},
+        metadata={"help": "grid only: a train-only 'describe the board' record per image"},
+    )
+    vision_steps: int = field(
+        default=300, metadata={"help": "digits: stage 0 steps of the shared vision encoder (0 = none)"}
     )
     steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for the teacher base"})
     student_steps: int = field(
         default=0, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
     )
     batch_size: int = field(default=32, metadata={"help": "SFT batch size"})
-    lr: float = field(default=5e-4, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
-    min_lr: float = field(default=5e-6, metadata={"help": "final SFT learning rate"})
+    lr: float = field(default=1e-3, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "final SFT learning rate"})
     warmup_steps: int = field(default=30, metadata={"help": "SFT warm-up steps"})
+    eval_every: int = field(
+        default=100, metadata={"help": "steps between learning-curve points of the bases"}
+    )
+
+    def __post_init__(self):
+        if self.task not in ("digits", "grid"):
+            raise ValueError(f"tiny task must be 'digits' or 'grid', not {self.task!r}")
 
 
 @dataclass
@@ -54,7 +78,9 @@ def stage(marker: Path, label: str) -> bool:
     return True
 
 
-def base_sft_config(cfg: TinySettings, model: Path, data: Path, out: Path, steps: int = 0) -> SFTConfig:
+def base_sft_config(
+    cfg: TinySettings, model: Path, data: Path, out: Path, steps: int = 0, val: Path | None = None
+) -> SFTConfig:
     steps = steps or cfg.steps
     return SFTConfig(
         model=str(model),
@@ -69,6 +95,11 @@ def base_sft_config(cfg: TinySettings, model: Path, data: Path, out: Path, steps
         seed=cfg.seed,
         save_every=max(50, steps // 4),
         max_length=256,
+        # With a pretrained shared encoder the bases differ in their language models only.
+        freeze_vision=cfg.task == "digits" and cfg.vision_steps > 0,
+        eval_data=str(val) if val else "",
+        eval_every=cfg.eval_every if val else 0,
+        eval_limit=400,
     )
 
 
@@ -80,24 +111,54 @@ def evaluate_once(model: Path, data: Path, out: Path, label: str, image_root: st
     return json.loads(metrics_file.read_text())
 
 
-def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[str, Path]:
-    """Synthetic data, tiny models and their SFT bases under ``root``: paths of train, test and each base."""
-    data, models = root / "data", root / "models"
-    # Markers are written after the stage's last file, so a stage killed half-way runs again.
-    if stage(data / "synth_complete", "synthetic data"):
+def _make_data(cfg: TinySettings, data: Path) -> None:
+    if cfg.task == "digits":
+        generate_digits(
+            DigitsConfig(
+                out=str(data), train=cfg.train, test=cfg.test, val=cfg.val, pool=cfg.pool, seed=cfg.seed
+            )
+        )
+    else:
         generate(
             SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed, captions=cfg.captions)
         )
+
+
+def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[str, Path]:
+    """Synthetic data, tiny models and their SFT bases under ``root``: paths of each split and each base."""
+    data, models = root / "data", root / "models"
+    # Markers are written after the stage's last file, so a stage killed half-way runs again.
+    if stage(data / "synth_complete", f"synthetic data ({cfg.task})"):
+        _make_data(cfg, data)
         (data / "synth_complete").touch()
     if stage(models / "tiny_complete", "tiny teacher and student"):
         build_tiny(TinyConfig(out=str(models), seed=cfg.seed))
         (models / "tiny_complete").touch()
-    paths = {"train": data / "train.json", "test": data / "test.json"}
-    steps = {"teacher": cfg.steps, "student": cfg.student_steps or cfg.steps}
+    init = {"teacher": models / "teacher", "student": models / "student"}
+    paths = {split: data / f"{split}.json" for split in ("train", "test", "val", "pool")}
+    if cfg.task == "digits" and cfg.vision_steps:
+        vision = root / "stage0_vision"
+        if stage(vision / "vision_summary.json", "stage 0: the shared vision encoder"):
+            pretrain_vision(
+                VisionPretrainConfig(
+                    teacher=str(init["teacher"]),
+                    student=str(init["student"]),
+                    data=str(paths["pool"] if cfg.pool else paths["train"]),
+                    out=str(vision),
+                    steps=cfg.vision_steps,
+                    seed=cfg.seed,
+                )
+            )
+        init = {"teacher": vision / "teacher", "student": vision / "student"}
+    # The teacher stands for a large model trained on far more data than the distillation set.
+    teacher_data = paths["pool"] if cfg.task == "digits" and cfg.pool else paths["train"]
+    val = paths["val"] if cfg.task == "digits" and cfg.val else None
+    plan = {"teacher": (teacher_data, cfg.steps), "student": (paths["train"], cfg.student_steps or cfg.steps)}
     for name in ["teacher", "student"] if student else ["teacher"]:
         trained = root / f"{name}_sft"
         if stage(trained / "export_complete.json", f"SFT of the {name} base"):
-            train_sft(base_sft_config(cfg, models / name, paths["train"], trained, steps[name]))
+            train_data, steps = plan[name]
+            train_sft(base_sft_config(cfg, init[name], train_data, trained, steps, val))
         assert is_exported(trained)
         paths[name] = trained
     return paths

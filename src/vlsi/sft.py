@@ -20,6 +20,7 @@ from vlsi.backbone import family_for, get_module
 from vlsi.checkpointing import CheckpointManager
 from vlsi.data import ChatDataset, Encoder
 from vlsi.engines import whole_weights
+from vlsi.evaluate import EvalConfig, evaluate
 from vlsi.export import export_checkpoint, load_model
 from vlsi.losses import response_cross_entropy
 from vlsi.processing import VLProcessor
@@ -53,6 +54,11 @@ class SFTSettings(TrainingArgs):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in backward"}
     )
+    eval_data: str = field(
+        default="", metadata={"help": "held-out file scored every --eval-every steps (the learning curve)"}
+    )
+    eval_every: int = field(default=0, metadata={"help": "steps between learning-curve points (0 = off)"})
+    eval_limit: int = field(default=200, metadata={"help": "records of --eval-data scored per point"})
 
 
 @dataclass(kw_only=True)
@@ -83,6 +89,26 @@ def enable_gradient_checkpointing(model, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
+def learning_curve_point(accelerator, model, processor: VLProcessor, cfg: SFTConfig) -> dict:
+    """Greedy accuracy on the first ``eval_limit`` held-out records, overall and per skill.
+
+    Scored on the main process only (like ``vlsi eval``), then training resumes in train mode.
+    """
+    point = {}
+    if accelerator.is_main_process:
+        metrics = evaluate(
+            EvalConfig(model=cfg.model, data=cfg.eval_data, image_root=cfg.image_root, limit=cfg.eval_limit),
+            model=accelerator.unwrap_model(model),
+            processor=processor,
+            progress=False,
+        )
+        skills = metrics.get("per_skill", {})
+        point = {"accuracy": metrics["accuracy"], **{s: m["accuracy"] for s, m in skills.items()}}
+    model.train()
+    accelerator.wait_for_everyone()
+    return point
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
@@ -97,11 +123,12 @@ def train_sft(cfg: SFTConfig) -> dict:
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     world = accelerator.num_processes
     model, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, model, len(dataset))
-    fp = run_fingerprint(cfg, world)
+    # The learning curve only reads the model: a resume may add or drop it.
+    fp = run_fingerprint(cfg, world, ignore=("eval_data", "eval_every", "eval_limit"))
     ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
     step, tokens_seen, losses = 0, 0, []
-    log_file = out / "train_log.jsonl"
-    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
+    log_file, curve_file = out / "train_log.jsonl", out / "curve.jsonl"
+    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file, curve_file])) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         stream.load(state["data"])
         losses = state.get("history", [])
@@ -143,6 +170,10 @@ def train_sft(cfg: SFTConfig) -> dict:
             recent = losses[-cfg.log_every :]
             row = {"step": step, "loss": sum(recent) / len(recent), "lr": scheduler.get_last_lr()[0]}
             append_jsonl(log_file, row)
+        if cfg.eval_data and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+            append_jsonl(
+                curve_file, {"step": step, **learning_curve_point(accelerator, model, processor, cfg)}
+            )
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpts.save(
                 accelerator,

@@ -54,7 +54,8 @@ CHAT_TEMPLATE = (
 # rarer ones, so answers such as "yellow triangle" span several tokens, as with the real tokenizer.
 _SCAFFOLD = (
     "user assistant system What How Is Which Answer the shape shapes at is are there many colour "
-    "of to in this pattern with letter top middle bottom left right center directly above below Describe board"
+    "of to in this pattern with letter top middle bottom left right center directly above below Describe board "
+    "digit digits largest smallest sum product last minus odd"
 )
 _ANSWERS = (
     "red green blue yellow purple circle square triangle cross circles squares triangles crosses "
@@ -130,9 +131,12 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def build_image_processor(image_size: int, patch_size: int) -> Qwen2VLImageProcessorPil:
-    pixels = image_size * image_size
-    # min == max pixels pins every image to image_size x image_size (aspect ratio permitting).
-    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, min_pixels=pixels, max_pixels=pixels)
+    # Images up to image_size x image_size keep their size (a multiple of the merged patch), so a
+    # 48 x 32 row of digits is 3 x 2 visual tokens; larger ones are scaled down to that many pixels.
+    merged = 2 * patch_size
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, min_pixels=merged * merged, max_pixels=image_size * image_size
+    )
 
 
 def mrope_sections(half: int, spec: str = "") -> list[int]:

@@ -10,7 +10,7 @@ verbalizer_l(h) = lm_head(norm_l(verb_ffn_l(h)))  [paper, with this project's de
 - ``lm_head`` is the backbone's own head, shared and frozen. [design] It is deliberately not a submodule here:
   it is neither saved with the verbalizers nor handed to the optimiser, and one copy serves every layer.
 
-The head is the expensive part (hidden x vocabulary per token; see METHOD.md "Where the compute and memory
+The head is the expensive part (hidden x vocabulary per token; see docs/method.md "Where the compute and memory
 go"), so losses go through :func:`verbalized_ce`, which applies it only at response positions.
 """
 
