@@ -35,7 +35,7 @@ def test_control_budget_matches_steps_2_and_3():
 
 def test_tiny_preset_names_only_real_options():
     # A typo in the preset would only surface when a user runs `vlsi distill`; build it here.
-    from vlsi.cli import build_config
+    from vlsi.config import build_config
 
     cfg = build_config(DistillConfig, object(), TINY_PRESET)
     assert cfg.controls and cfg.interact.max_steps == TINY_PRESET["interact"]["max_steps"]

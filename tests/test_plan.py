@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from vlsi.backbone import parse_layers
-from vlsi.cli import build_config, main
+from vlsi.cli import main
+from vlsi.config import build_config
 from vlsi.distill import DistillConfig
 from vlsi.interact import InteractConfig
 from vlsi.memory import GIB, estimate_memory

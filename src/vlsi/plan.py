@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from vlsi.backbone import Backbone, get_module, parse_layers
+from vlsi.config import build_config
 from vlsi.memory import GIB, estimate_memory, lora_parameters, verbalizer_parameters
 
 __all__ = [
@@ -270,14 +271,13 @@ def complete_recipe(recipe: dict, where: str = "recipe") -> dict:
 
     Unknown keys, at the top or in a step section, are refused, so a typo is caught before any weight is read.
     """
-    from vlsi.cli import build_config
     from vlsi.distill import DistillConfig
 
     if not isinstance(recipe, dict):
         raise ValueError(f"{where}: expected a mapping of option names to values")
     try:
         cfg = build_config(DistillConfig, argparse.Namespace(), recipe)
-    except SystemExit as e:  # the CLI's way of naming a bad option
+    except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     for key in ("teacher", "student", "teacher_layers", "student_layers"):
         if not getattr(cfg, key):
