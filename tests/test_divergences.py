@@ -8,7 +8,6 @@ from transformers import PreTrainedTokenizerFast
 from vlsi.divergences import (
     DIVERGENCES,
     ce_to_teacher,
-    check_same_tokenizer,
     divergence,
     forward_kl,
     jsd,
@@ -16,6 +15,7 @@ from vlsi.divergences import (
     reverse_kl,
     shared_vocab,
 )
+from vlsi.models import check_same_tokenizer
 
 # Hand-made distributions: logits = log-probabilities, so softmax gives them back exactly.
 P = [0.5, 0.5]

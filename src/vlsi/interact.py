@@ -46,10 +46,12 @@ from vlsi.chunked import (
     score_matrix,
 )
 from vlsi.data import ChatDataset, Encoder
-from vlsi.divergences import check_same_tokenizer, divergence, shared_vocab
+from vlsi.divergences import divergence, shared_vocab
 from vlsi.engines import prepare_frozen, whole_load, whole_weights
-from vlsi.export import export_checkpoint, load_model
+from vlsi.export import export_checkpoint
+from vlsi.lora import apply_lora
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
+from vlsi.models import check_same_tokenizer, load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
@@ -66,7 +68,7 @@ from vlsi.runtime import (
     progress_bar,
     run_fingerprint,
 )
-from vlsi.sft import apply_lora, enable_gradient_checkpointing
+from vlsi.sft import enable_gradient_checkpointing
 from vlsi.verbalizer import Verbalizers, base_model_info, response_states
 
 log = logging.getLogger("vlsi.interact")

@@ -208,7 +208,7 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
     From the configs: one model family (so one tokenizer family and token-index order) and the same special
     token ids. Head widths may differ by padding rows (Qwen2-VL 72B / 7B: 152,064 vs 2B: 151,936); logits
     are then compared on the shared width. Where both models are local checkpoints with tokenizer files,
-    :func:`vlsi.divergences.check_same_tokenizer` also compares the tokenizers id by id.
+    :func:`vlsi.models.check_same_tokenizer` also compares the tokenizers id by id.
     """
     if teacher.family != student.family:
         raise ValueError(
@@ -238,7 +238,7 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
     if t_dir and s_dir:
         from transformers import AutoTokenizer
 
-        from vlsi.divergences import check_same_tokenizer
+        from vlsi.models import check_same_tokenizer
 
         t_tok, s_tok = AutoTokenizer.from_pretrained(str(t_dir)), AutoTokenizer.from_pretrained(str(s_dir))
         size = check_same_tokenizer(t_tok, s_tok)

@@ -34,7 +34,7 @@ from vlsi.chunked import DEFAULT_CHUNK_TOKENS, chunk_tokens, chunked_unsupported
 from vlsi.data import ChatDataset, Encoder, collate
 from vlsi.engines import prepare_frozen, whole_load, whole_weights
 from vlsi.evaluate import generate_answers
-from vlsi.export import load_model
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
