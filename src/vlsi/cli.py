@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         file_values = read_config_file(args.config) if args.config else _default_values(args.command, args)
         cfg = build_config(cls, args, file_values)
         run(cfg)
-    except (ValueError, OSError) as e:
-        # Errors that name a bad input are for the user, not a traceback (VLSI_DEBUG=1 shows it).
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Errors that name a bad input (or, FloatingPointError, the step and records where a run went
+        # non-finite) are for the user, not a traceback (VLSI_DEBUG=1 shows it).
         if os.environ.get("VLSI_DEBUG"):
             raise
         print(f"vlsi {args.command}: error: {e}", file=sys.stderr)

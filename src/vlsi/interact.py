@@ -62,6 +62,7 @@ from vlsi.runtime import (
     history_tail,
     make_accelerator,
     mixed_precision,
+    names_step,
     next_batch,
     optimizer_step,
     prepare_training,
@@ -443,7 +444,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
             with accelerator.autocast():
                 teacher_states = teacher_response_states(teacher, teacher_layers, batch)
             sync = grad_sync(accelerator, loss_module, i, len(micro))
-            with sync, accelerator.autocast():
+            with sync, accelerator.autocast(), names_step(accelerator, step + 1, micro):
                 loss_sum, parts, match = loss_module(
                     batch, teacher_states, teacher_read, teacher_layers, generator
                 )
@@ -454,7 +455,9 @@ def train_interaction(cfg: InteractConfig) -> dict:
             window_tokens += int(batch["attention_mask"].sum())
             if match is not None:
                 matches.append(match)
-        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, sums, micro
+        )
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens

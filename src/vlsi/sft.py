@@ -116,7 +116,9 @@ def train_sft(cfg: SFTConfig) -> dict:
             accelerator.backward(loss)
             step_loss += loss_sum.item()
             window_tokens += int(batch["attention_mask"].sum())
-        optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1, step_loss, micro
+        )
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens

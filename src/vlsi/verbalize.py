@@ -318,7 +318,9 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
                 loss = sum(per_layer.values()) * world / n_resp
             accelerator.backward(loss)
             step_sums += torch.tensor([per_layer[layer].item() for layer in layers])
-        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, step_sums, micro
+        )
         step += 1
         history.append(global_token_mean(accelerator, step_sums, n_resp))
         bar.update(1)
