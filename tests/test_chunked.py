@@ -244,6 +244,7 @@ def test_verbalized_loss_chunked_equals_reference(tiny_step, chunk):
         torch.testing.assert_close(grads[name], grad, **TOL, msg=name)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path, monkeypatch):
     # The side-by-side benchmark (benchmarks/verbalized_losses.py) in its seconds-long setting.
     import importlib.util

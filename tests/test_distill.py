@@ -41,6 +41,7 @@ def test_tiny_preset_names_only_real_options():
     assert cfg.controls and cfg.interact.max_steps == TINY_PRESET["interact"]["max_steps"]
 
 
+@pytest.mark.slow  # the whole tiny setting with its controls
 def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = tmp_path / "run"
     # With the train-only captions on, so the steps also see records of another shape and length.
@@ -79,6 +80,7 @@ def test_config_with_a_teacher_needs_student_and_data(tmp_path, capsys):
     assert "needs 'student' and 'train_data'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # steps 1-3 end to end
 def test_config_runs_the_three_steps_on_given_models(tmp_path, tiny_models, synth_data):
     config = {
         "out": str(tmp_path / "o"),
@@ -134,6 +136,7 @@ def _distill(out) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_killed_distill_resumes_its_unfinished_stage(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     proc = _distill(killed)
