@@ -164,9 +164,9 @@ def plan_estimate(names, t_layers, s_layers, settings) -> dict:
 def run(args) -> dict:
     from vlsi.backbone import Backbone, parse_layers
     from vlsi.interact import InteractionLoss, Reader, teacher_response_states
+    from vlsi.lora import apply_lora
     from vlsi.losses import count_response_tokens
     from vlsi.optim import build_optimizer
-    from vlsi.sft import apply_lora
     from vlsi.verbalizer import build_verbalizers
 
     cuda = torch.cuda.is_available()

@@ -34,7 +34,7 @@ def verbalizers(tiny_models, tmp_path_factory):
     import torch
 
     from vlsi.backbone import Backbone
-    from vlsi.export import load_model
+    from vlsi.models import load_model
     from vlsi.verbalizer import base_model_info, build_verbalizers
 
     root = tmp_path_factory.mktemp("verbalizers")

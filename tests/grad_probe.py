@@ -34,7 +34,7 @@ def probe(dump_path):
         return original_backward(self, loss, **kwargs)
 
     def wrap(optimizer_step):
-        def step(accelerator, module, optimizer, scheduler, max_grad_norm):
+        def step(accelerator, module, optimizer, scheduler, max_grad_norm, *args):
             if not seen["done"]:
                 seen["done"] = True
                 total = torch.tensor(seen["loss"], device=accelerator.device)
@@ -43,7 +43,7 @@ def probe(dump_path):
                 grads = {name: p.grad.detach().cpu().clone() for name, p in params if p.grad is not None}
                 if accelerator.is_main_process:
                     torch.save({"loss": loss, "grads": grads, "world": accelerator.num_processes}, dump_path)
-            return optimizer_step(accelerator, module, optimizer, scheduler, max_grad_norm)
+            return optimizer_step(accelerator, module, optimizer, scheduler, max_grad_norm, *args)
 
         return step
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from vlsi.backbone import Backbone
 from vlsi.data import ChatDataset, Encoder, collate
 from vlsi.engines import shard_frozen_layers, whole_weights
-from vlsi.export import load_model
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor
 from vlsi.verbalizer import Verbalizers
 

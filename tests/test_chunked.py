@@ -144,8 +144,8 @@ def test_bias_heads_and_bad_terms_are_refused():
 def tiny_step(tiny_models, processor, synth_data):
     from vlsi.backbone import Backbone
     from vlsi.data import ChatDataset, Encoder, collate
-    from vlsi.export import load_model
     from vlsi.interact import Reader, teacher_response_states
+    from vlsi.models import load_model
     from vlsi.verbalizer import VerbalizerConfig, build_verbalizers
 
     def verbalized(path):
@@ -244,6 +244,7 @@ def test_verbalized_loss_chunked_equals_reference(tiny_step, chunk):
         torch.testing.assert_close(grads[name], grad, **TOL, msg=name)
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path, monkeypatch):
     # The side-by-side benchmark (benchmarks/verbalized_losses.py) in its seconds-long setting.
     import importlib.util

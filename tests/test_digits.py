@@ -101,7 +101,7 @@ def test_stage0_gives_both_models_one_trained_encoder(tmp_path, tiny_models):
         )
     )
     assert summary["steps"] == 3 and summary["student_probe_loss"] > 0
-    from vlsi.export import load_model
+    from vlsi.models import load_model
 
     before, teacher, student = (
         load_model(p, dtype=torch.float32) for p in (tiny_models["teacher"], out / "teacher", out / "student")

@@ -36,12 +36,13 @@ def test_control_budget_matches_steps_2_and_3():
 
 def test_tiny_preset_names_only_real_options():
     # A typo in the preset would only surface when a user runs `vlsi distill`; build it here.
-    from vlsi.cli import build_config
+    from vlsi.config import build_config
 
     cfg = build_config(DistillConfig, object(), TINY_PRESET)
     assert cfg.controls and cfg.interact.max_steps == TINY_PRESET["interact"]["max_steps"]
 
 
+@pytest.mark.slow  # the whole tiny setting with its controls
 def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["distill", "--out", str(out), *SMALL]
@@ -92,6 +93,7 @@ def test_config_with_a_teacher_needs_student_and_data(tmp_path, capsys):
     assert "needs 'student' and 'train_data'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # steps 1-3 end to end
 def test_config_runs_the_three_steps_on_given_models(tmp_path, tiny_models, synth_data):
     config = {
         "out": str(tmp_path / "o"),
@@ -147,6 +149,7 @@ def _distill(out) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_killed_distill_resumes_its_unfinished_stage(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     proc = _distill(killed)

@@ -25,6 +25,9 @@ from grad_probe import probe
 from vlsi.cli import main
 from vlsi.export import is_exported
 
+# Each test launches processes of its own and runs for minutes on a CPU.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
 PROBE = Path(__file__).with_name("grad_probe.py")

@@ -37,6 +37,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a real training run with every output checked
 def test_interact_trains_the_student_and_records_ordered_matches(
     tmp_path, tiny_models, verbalizers, synth_data
 ):
@@ -78,6 +79,7 @@ def test_interact_trains_the_student_and_records_ordered_matches(
     assert len(mine["generator"]) > 0 and torch.tensor(mine["first"]).sum() == t_s
 
 
+@pytest.mark.slow  # two training runs
 def test_final_layer_only_and_uniform_matching(tmp_path, tiny_models, verbalizers, synth_data):
     out = tmp_path / "ll_only"
     assert _run(tiny_models, verbalizers, synth_data, out, "--max-steps 2 --il none --ll kld") == 0

@@ -62,6 +62,7 @@ def test_adaptive_temperature_uses_only_the_candidates():
     assert torch.allclose(match.probabilities[1, 1:], torch.softmax(-kl[1, 1:] / match.temperature[1], 0))
 
 
+@pytest.mark.slow  # 20,000 draws per setting
 @pytest.mark.parametrize(
     "config",
     [VLSI, ABLATION_LADDER["multinomial"], MatchingConfig(strategy="multinomial", temperature=0.5)],
@@ -105,13 +106,32 @@ def test_order_preservation_without_search_range_shares_the_last_layer_once_exha
     assert match_layers(kl, cfg, gen(0)).teacher_index == [2, 2, 2]
 
 
-def test_full_multinomial_equals_vlsi():
-    cfg = MatchingConfig(strategy="multinomial")
+def algorithm_1(kl: torch.Tensor, generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
+    """The paper's Algorithm 1 written out on its own: student layer i draws from teacher layers
+    [previous match + 1, t_l - t_s + i] with p = softmax(-KL / T), T = 2 / (max KL - min KL + 1e-6) over
+    those candidates. Drawn with the same sampling call, so a seeded generator gives the same draws."""
+    t_s, t_l = kl.shape
+    chosen, probabilities, start = [], torch.zeros(t_s, t_l, dtype=torch.float64), 0
+    for i in range(t_s):
+        candidates = kl[i, start : t_l - t_s + i + 1].double()
+        temperature = 2.0 / (candidates.max().item() - candidates.min().item() + 1e-6)
+        p = torch.softmax(-candidates / temperature, dim=0)
+        chosen.append(start + int(torch.multinomial(p, 1, generator=generator)))
+        probabilities[i, start : t_l - t_s + i + 1] = p
+        start = chosen[-1] + 1
+    return chosen, probabilities
+
+
+def test_vlsi_and_the_full_multinomial_are_algorithm_1():
+    # Compared with the reference above, not with each other: both names run the same code path.
+    full = MatchingConfig(strategy="multinomial")
     for seed in range(10):
         kl = random_kl(seed)
-        assert (
-            match_layers(kl, cfg, gen(seed)).teacher_index == match_layers(kl, VLSI, gen(seed)).teacher_index
-        )
+        expected_index, expected_p = algorithm_1(kl, gen(seed))
+        for cfg in (VLSI, full):
+            match = match_layers(kl, cfg, gen(seed))
+            assert match.teacher_index == expected_index
+            torch.testing.assert_close(match.probabilities.double(), expected_p, rtol=1e-6, atol=1e-7)
 
 
 def test_uniform_index():

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from vlsi.backbone import parse_layers
-from vlsi.cli import build_config, main
+from vlsi.cli import main
+from vlsi.config import build_config
 from vlsi.distill import DistillConfig
 from vlsi.interact import InteractConfig
 from vlsi.memory import GIB, estimate_memory
@@ -204,6 +205,7 @@ def test_vlsi_plan_refuses_a_bad_engine(capsys):
     assert "--engine" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_interact", ROOT / "benchmarks" / "gpu_interact.py")
     bench = importlib.util.module_from_spec(spec)

@@ -58,6 +58,7 @@ def _kill_after_first_checkpoint(args: list[str], out) -> int:
     return max(r["step"] for r in _rows(out / "train_log.jsonl"))
 
 
+@pytest.mark.slow
 def test_sigkilled_interaction_resumes_to_the_uninterrupted_result(
     tmp_path, tiny_models, verbalizers, synth_data
 ):

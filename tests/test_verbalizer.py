@@ -11,8 +11,8 @@ from safetensors import safe_open
 from vlsi.backbone import Backbone
 from vlsi.cli import main
 from vlsi.data import ChatDataset, Encoder, collate
-from vlsi.export import load_model
 from vlsi.losses import response_cross_entropy
+from vlsi.models import load_model
 from vlsi.sft import model_inputs
 from vlsi.verbalize import (
     VerbalizeConfig,

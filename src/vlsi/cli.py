@@ -1,109 +1,21 @@
 """The ``vlsi`` command line: one subcommand per step, each a view of its config dataclass.
 
 Flags are generated from the dataclass fields (their ``help`` metadata is the ``--help`` text);
-``--config FILE.yaml`` supplies values first and flags override them.
+``--config FILE.yaml`` supplies values first and flags override them (:mod:`vlsi.config`). A bad value
+is a ``ValueError`` there, printed here as an error with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(tp):
-    """int | None -> int; leaves plain types alone."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    hints = typing.get_type_hints(cls)
-    # Required options first in --help: a step's config lists its shared training knobs before them.
-    fields = sorted(dataclasses.fields(cls), key=lambda f: not _is_required(f))
-    for f in fields:
-        tp = _base_type(hints[f.name])
-        name = prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            add_dataclass_arguments(parser, tp, prefix=name + "_")
-            continue
-        help_text = f.metadata.get("help", "")
-        required = (
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not prefix
-        )
-        if f.metadata.get("positional"):  # e.g. `vlsi plan RECIPE`
-            parser.add_argument(name, type=tp, nargs=None if required else "?", default=None, help=help_text)
-            continue
-        if tp is bool:
-            parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            parser.add_argument(
-                _flag(name),
-                dest=name,
-                type=tp,
-                default=None,
-                help=help_text + (" (required)" if required else ""),
-            )
-
-
-def _coerce(value, tp, name: str):
-    """YAML reads some values as another type than the option's (PyYAML: `1e-4` is a string)."""
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SystemExit(f"config: '{name}' must be true or false, got {value!r}")
-        return value
-    try:
-        return tp(value)
-    except (TypeError, ValueError):
-        raise SystemExit(f"config: '{name}' must be a {tp.__name__}, got {value!r}") from None
-
-
-def build_config(cls, args: argparse.Namespace, file_values: dict | None = None, prefix: str = ""):
-    """Config from (lowest to highest priority) dataclass defaults, the YAML file, then flags."""
-    hints = typing.get_type_hints(cls)
-    file_values = file_values or {}
-    unknown = set(file_values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise SystemExit(f"config: unknown keys {sorted(unknown)} for {cls.__name__}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        name = prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-            nested_file = dict(dataclasses.asdict(default)) if default else {}
-            nested_file.update(file_values.get(f.name) or {})
-            kwargs[f.name] = build_config(tp, args, nested_file, prefix=name + "_")
-            continue
-        value = getattr(args, name, None)
-        if value is None and file_values.get(f.name) is not None:
-            value = _coerce(file_values[f.name], tp, f.name)
-        if value is not None:
-            kwargs[f.name] = value
-        elif _is_required(f):
-            raise SystemExit(f"missing required option {_flag(name)} (or '{f.name}' in --config)")
-    return cls(**kwargs)
+from vlsi.config import add_dataclass_arguments, build_config, read_config_file
 
 
 def _cmd_synth(cfg):
@@ -187,16 +99,6 @@ def _cmd_distill(cfg):
     )
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    return values
-
-
 def _default_values(command: str, args: argparse.Namespace) -> dict | None:
     """What a command reads when no --config is given: `distill` with no teacher runs the built-in tiny
     setting (a run on given models gets the steps' own defaults, never the tiny setting's budgets)."""
@@ -277,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, run, _ = commands[args.command]
     try:
-        file_values = _read_config(args.config) if args.config else _default_values(args.command, args)
+        file_values = read_config_file(args.config) if args.config else _default_values(args.command, args)
         cfg = build_config(cls, args, file_values)
         run(cfg)
-    except (ValueError, OSError) as e:
-        # Errors that name a bad input are for the user, not a traceback (VLSI_DEBUG=1 shows it).
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Errors that name a bad input (or, FloatingPointError, the step and records where a run went
+        # non-finite) are for the user, not a traceback (VLSI_DEBUG=1 shows it).
         if os.environ.get("VLSI_DEBUG"):
             raise
         print(f"vlsi {args.command}: error: {e}", file=sys.stderr)

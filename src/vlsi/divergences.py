@@ -39,7 +39,6 @@ __all__ = [
     "DIVERGENCES",
     "Divergence",
     "ce_to_teacher",
-    "check_same_tokenizer",
     "divergence",
     "forward_kl",
     "jsd",
@@ -199,49 +198,7 @@ def shared_vocab(t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.
     Qwen2-VL 72B / 7B heads carry padding rows beyond the 2B head's width although the tokenizer is the
     same. Those rows are never a training target, so their probability is negligible and dropping them only
     renormalises the softmax over real tokens. Whether the narrower width really is a shared tokenizer is
-    :func:`check_same_tokenizer`'s job; this function cannot tell.
+    :func:`vlsi.models.check_same_tokenizer`'s job; this function cannot tell.
     """
     width = min(t_logits.shape[-1], s_logits.shape[-1])
     return t_logits[..., :width], s_logits[..., :width]
-
-
-_SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-def _special_ids(tokenizer, size: int) -> dict[str, int]:
-    tokens = getattr(tokenizer, "all_special_tokens", None) or []
-    ids = tokenizer.convert_tokens_to_ids(list(tokens)) if tokens else []
-    return {tok: i for tok, i in zip(tokens, ids, strict=True) if i is not None and i < size}
-
-
-def check_same_tokenizer(tok_a, tok_b, max_report: int = 5) -> int:
-    """Refuse a teacher / student pair whose tokenizers disagree on the shared ids; return the shared size.
-
-    Compared on ids below ``min(len(tok_a), len(tok_b))``: the token each id spells, which of them are
-    special tokens, and the bos / eos / pad / unk roles. Entries beyond the shorter tokenizer (added padding
-    tokens) are allowed, since :func:`shared_vocab` drops them. Raises ``ValueError`` naming the first
-    differing ids, because comparing distributions over differently-indexed vocabularies would train on
-    noise without any error.
-    """
-    size = min(len(tok_a), len(tok_b))
-    by_id_a = {i: t for t, i in tok_a.get_vocab().items() if i < size}
-    by_id_b = {i: t for t, i in tok_b.get_vocab().items() if i < size}
-    differing = sorted(i for i in set(by_id_a) | set(by_id_b) if by_id_a.get(i) != by_id_b.get(i))
-    problems = []
-    if differing:
-        shown = ", ".join(f"{i}: {by_id_a.get(i)!r} vs {by_id_b.get(i)!r}" for i in differing[:max_report])
-        more = f" (and {len(differing) - max_report} more)" if len(differing) > max_report else ""
-        problems.append(f"{len(differing)} of the {size} shared ids spell different tokens: {shown}{more}")
-    special_a, special_b = _special_ids(tok_a, size), _special_ids(tok_b, size)
-    if special_a != special_b:
-        problems.append(f"special tokens differ: {sorted(special_a.items())} vs {sorted(special_b.items())}")
-    for role in _SPECIAL_ROLES:
-        a, b = getattr(tok_a, role, None), getattr(tok_b, role, None)
-        if a != b:
-            problems.append(f"{role} differs: {a!r} vs {b!r}")
-    if problems:
-        raise ValueError(
-            "teacher and student tokenizers differ, so their vocabulary distributions are not comparable:\n  "
-            + "\n  ".join(problems)
-        )
-    return size

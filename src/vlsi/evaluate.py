@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlsi.data import ChatDataset, Encoder, RecordError, collate
-from vlsi.export import load_model
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -1,4 +1,4 @@
-"""Loading a VLM checkpoint, and exporting a trained one as a plain checkpoint of its own family.
+"""Exporting a trained VLM as a plain checkpoint of its own family (loading one: :mod:`vlsi.models`).
 
 The exported student must load with the stock Hugging Face class and nothing else, so LoRA
 adapters are merged and the files are the ordinary ``save_pretrained`` ones plus the processor.
@@ -16,14 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
 
 MARKER = "export_complete.json"
-
-
-def load_model(path: str | Path, dtype: torch.dtype | str = "auto", **kwargs):
-    """Loads any supported VLM from a local path or hub id (nothing vlsi-specific in the files)."""
-    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype, **kwargs)
 
 
 def unwrap_for_export(model) -> torch.nn.Module:

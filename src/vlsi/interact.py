@@ -46,10 +46,12 @@ from vlsi.chunked import (
     score_matrix,
 )
 from vlsi.data import ChatDataset, Encoder
-from vlsi.divergences import check_same_tokenizer, divergence, shared_vocab
+from vlsi.divergences import divergence, shared_vocab
 from vlsi.engines import prepare_frozen, whole_load, whole_weights
-from vlsi.export import export_checkpoint, load_model
+from vlsi.export import export_checkpoint
+from vlsi.lora import apply_lora
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
+from vlsi.models import check_same_tokenizer, load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
@@ -60,13 +62,14 @@ from vlsi.runtime import (
     history_tail,
     make_accelerator,
     mixed_precision,
+    names_step,
     next_batch,
     optimizer_step,
     prepare_training,
     progress_bar,
     run_fingerprint,
 )
-from vlsi.sft import apply_lora, enable_gradient_checkpointing
+from vlsi.sft import enable_gradient_checkpointing
 from vlsi.verbalizer import Verbalizers, base_model_info, response_states
 
 log = logging.getLogger("vlsi.interact")
@@ -441,7 +444,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
             with accelerator.autocast():
                 teacher_states = teacher_response_states(teacher, teacher_layers, batch)
             sync = grad_sync(accelerator, loss_module, i, len(micro))
-            with sync, accelerator.autocast():
+            with sync, accelerator.autocast(), names_step(accelerator, step + 1, micro):
                 loss_sum, parts, match = loss_module(
                     batch, teacher_states, teacher_read, teacher_layers, generator
                 )
@@ -452,7 +455,9 @@ def train_interaction(cfg: InteractConfig) -> dict:
             window_tokens += int(batch["attention_mask"].sum())
             if match is not None:
                 matches.append(match)
-        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, sums, micro
+        )
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens

@@ -171,6 +171,11 @@ def _point_masses(t_s: int, t_l: int, chosen: list[int] | list[list[int]]) -> to
     return probabilities
 
 
+class NonFiniteScores(ValueError, FloatingPointError):
+    """The divergence matrix holds NaN or inf. A FloatingPointError too, so the training loop reports it
+    as a non-finite step naming the step and its records (:func:`vlsi.runtime.names_step`)."""
+
+
 def match_layers(kl: torch.Tensor, config: MatchingConfig, generator: torch.Generator) -> Match:
     """Choose the teacher layer(s) for every student target layer.
 
@@ -183,7 +188,7 @@ def match_layers(kl: torch.Tensor, config: MatchingConfig, generator: torch.Gene
     # Tiny ([7, 20] for Qwen2-VL); the choices drive Python control flow, so one device sync is unavoidable.
     kl = kl.detach().to("cpu", torch.float64)
     if not torch.isfinite(kl).all():
-        raise ValueError("kl contains NaN or inf (a batch without response tokens?)")
+        raise NonFiniteScores("kl contains NaN or inf (a batch without response tokens?)")
     t_s, t_l = kl.shape
     if config.needs_fewer_student_layers and t_s > t_l:
         raise ValueError(

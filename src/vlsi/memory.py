@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlsi.backbone import Backbone, family_for, parse_layers
+from vlsi.lora import lora_target_pattern
 
 if TYPE_CHECKING:
     from vlsi.plan import ModelSummary
@@ -41,11 +42,9 @@ def verbalizer_parameters(backbone: Backbone, layers: list[int]) -> int:
 
 
 def lora_parameters(model: nn.Module, rank: int) -> int:
-    """LoRA parameters ``rank x (in + out)`` of every linear layer that :func:`vlsi.sft.apply_lora` adapts
-    (the projections of the language model's decoder layers; the same pattern as there)."""
-    family = family_for(model)
-    names = "|".join(family.lora_target_modules)
-    pattern = re.compile(rf"{re.escape(family.decoder_layers)}\.\d+\..*({names})")
+    """LoRA parameters ``rank x (in + out)`` of every linear layer that :func:`vlsi.lora.apply_lora` adapts
+    (:func:`vlsi.lora.lora_target_pattern`)."""
+    pattern = re.compile(lora_target_pattern(family_for(model)))
     return sum(
         rank * (m.in_features + m.out_features)
         for name, m in model.named_modules()

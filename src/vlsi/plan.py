@@ -1,7 +1,8 @@
 """``vlsi plan RECIPE``: what a distillation recipe holds and costs, read from the model configs alone.
 
 No weights are read: each model is built on the meta device from its ``config.json`` (a local checkpoint
-folder, else the copy bundled under ``configs/models/<org>--<name>/``, else the hub), so the 72B teachers
+folder, else the copy bundled with the package under ``vlsi/configs/models/<org>--<name>/``, else the hub;
+the repository's ``configs/models`` and ``configs/recipes`` link to the bundled folders), so the 72B teachers
 plan in seconds on a laptop. The plan shows the target layers, the parameters of the backbones, their
 verbalizers and LoRA adapters, whether the two vocabularies are comparable, and an estimate of the memory
 each step needs per GPU under the chosen engine and GPU count (:func:`vlsi.memory.estimate_memory` states the formula).
@@ -19,16 +20,19 @@ import yaml
 from torch import nn
 
 from vlsi.backbone import Backbone, get_module, parse_layers
+from vlsi.config import build_config
 from vlsi.memory import GIB, estimate_memory, lora_parameters, verbalizer_parameters
 
 __all__ = [
     "BUNDLED_MODELS",
+    "BUNDLED_RECIPES",
     "ENGINES",
     "ModelSummary",
     "PlanConfig",
     "block_centres",
     "check_pair",
     "complete_recipe",
+    "find_recipe",
     "load_recipe",
     "make_plan",
     "meta_model",
@@ -36,7 +40,9 @@ __all__ = [
     "summarize",
 ]
 
-BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
+# Package data (pyproject's package-data), so an installed vlsi finds them wherever it was installed.
+BUNDLED_MODELS = Path(__file__).resolve().parent / "configs" / "models"
+BUNDLED_RECIPES = BUNDLED_MODELS.parent / "recipes"
 ENGINES = ("ddp", "fsdp", "zero3")
 
 
@@ -44,7 +50,8 @@ ENGINES = ("ddp", "fsdp", "zero3")
 class PlanConfig:
     recipe: str = field(
         metadata={
-            "help": "distill recipe YAML, e.g. configs/recipes/qwen2vl-72b-to-7b.yaml",
+            "help": "distill recipe YAML, e.g. configs/recipes/qwen2vl-72b-to-7b.yaml, or the name of a "
+            "bundled recipe, e.g. qwen2vl-72b-to-7b",
             "positional": True,
         }
     )
@@ -207,7 +214,7 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
     From the configs: one model family (so one tokenizer family and token-index order) and the same special
     token ids. Head widths may differ by padding rows (Qwen2-VL 72B / 7B: 152,064 vs 2B: 151,936); logits
     are then compared on the shared width. Where both models are local checkpoints with tokenizer files,
-    :func:`vlsi.divergences.check_same_tokenizer` also compares the tokenizers id by id.
+    :func:`vlsi.models.check_same_tokenizer` also compares the tokenizers id by id.
     """
     if teacher.family != student.family:
         raise ValueError(
@@ -237,7 +244,7 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
     if t_dir and s_dir:
         from transformers import AutoTokenizer
 
-        from vlsi.divergences import check_same_tokenizer
+        from vlsi.models import check_same_tokenizer
 
         t_tok, s_tok = AutoTokenizer.from_pretrained(str(t_dir)), AutoTokenizer.from_pretrained(str(s_dir))
         size = check_same_tokenizer(t_tok, s_tok)
@@ -254,9 +261,23 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
 # ---------------------------------------------------------------------------------------------- recipe
 
 
+def find_recipe(name: str | Path) -> Path:
+    """A recipe file, or for a bare name (no folder) that is not a file here, the bundled recipe of that
+    name (``qwen2vl-72b-to-7b`` or ``qwen2vl-72b-to-7b.yaml``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        bundled = BUNDLED_RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if bundled.is_file():
+            return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_RECIPES.glob("*.yaml")))
+    raise ValueError(f"{str(name)!r} is neither a recipe file nor the name of a bundled recipe ({names})")
+
+
 def load_recipe(path: str | Path) -> dict:
-    """The recipe file as a dict, read by :func:`complete_recipe`."""
-    path = Path(path)
+    """The recipe file (or bundled recipe, :func:`find_recipe`) as a dict, read by :func:`complete_recipe`."""
+    path = find_recipe(path)
     try:
         recipe = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -270,14 +291,13 @@ def complete_recipe(recipe: dict, where: str = "recipe") -> dict:
 
     Unknown keys, at the top or in a step section, are refused, so a typo is caught before any weight is read.
     """
-    from vlsi.cli import build_config
     from vlsi.distill import DistillConfig
 
     if not isinstance(recipe, dict):
         raise ValueError(f"{where}: expected a mapping of option names to values")
     try:
         cfg = build_config(DistillConfig, argparse.Namespace(), recipe)
-    except SystemExit as e:  # the CLI's way of naming a bad option
+    except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     for key in ("teacher", "student", "teacher_layers", "student_layers"):
         if not getattr(cfg, key):
@@ -302,7 +322,8 @@ def make_plan(cfg: PlanConfig) -> str:
         raise ValueError(f"--engine {cfg.engine!r} is not one of {', '.join(ENGINES)}")
     if cfg.gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {cfg.gpus}")
-    recipe = load_recipe(cfg.recipe)
+    recipe_file = find_recipe(cfg.recipe)
+    recipe = load_recipe(recipe_file)
     teacher, student = summarize(recipe["teacher"]), summarize(recipe["student"])
     vocab_notes = check_pair(teacher, student)  # before anything else: a mismatch is refused outright
 
@@ -318,6 +339,8 @@ def make_plan(cfg: PlanConfig) -> str:
     s_verb = verbalizer_parameters(student.backbone, s_layers)
 
     out = [f"recipe  {cfg.recipe}"]
+    if recipe_file != Path(cfg.recipe).expanduser():
+        out[0] += f"  (bundled {recipe_file.relative_to(BUNDLED_MODELS.parent.parent)})"
     out.append(f"{'':8}{'model':<44}{'layers':>7}{'hidden':>8}{'head':>9}{'vision':>9}{'LM':>9}{'total':>9}")
     for role, m in (("teacher", teacher), ("student", student)):
         out.append(

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
+from vlsi.models import resolve_model
+
 # Families whose image placeholder expands to grid_t * grid_h * grid_w / merge_size**2 copies.
 _GRID_FAMILIES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
 
@@ -30,6 +32,7 @@ class VLProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VLProcessor:
+        path = resolve_model(path)  # a mistyped folder is named as one, not as a failed hub connection
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in _GRID_FAMILIES:
             raise ValueError(

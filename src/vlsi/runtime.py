@@ -1,4 +1,5 @@
-"""Plumbing every training step shares: the accelerator, batches, and the global token count."""
+"""Plumbing every training step shares: the accelerator, batches, the global token count, and the optimizer
+step with its guard against a non-finite loss or gradient norm."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from vlsi.checkpointing import fingerprint
-from vlsi.data import BatchStream, ChatDataset, collate
+from vlsi.data import BatchStream, ChatDataset, collate, record_name
 from vlsi.engines import configure_deepspeed
 from vlsi.losses import count_response_tokens
 from vlsi.optim import build_optimizer
@@ -64,11 +65,27 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> dict:
+class Batch(dict):
+    """A collated micro-batch (tensors by name) that also knows which records it holds, so that a step
+    stopped for a non-finite loss can name them. ``record_ids`` is an attribute, not an entry: every entry
+    is a tensor fed to the model."""
+
+    record_ids: list[str]
+
+
+def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> Batch:
     """The next non-empty micro-batch; a batch whose every record was bad is skipped whole."""
     for _ in range(1000):
-        batch = collate([dataset[i] for i in stream.next_indices()], pad_id)
+        indices = stream.next_indices()
+        items = [dataset[i] for i in indices]
+        batch = collate(items, pad_id)
         if batch is not None:
+            batch = Batch(batch)
+            batch.record_ids = [
+                record_name(dataset.records[i], i)
+                for i, item in zip(indices, items, strict=True)
+                if item is not None
+            ]
             return batch
     raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
 
@@ -155,12 +172,78 @@ def grad_sync(accelerator: Accelerator, module: torch.nn.Module, index: int, cou
     return contextlib.nullcontext() if index == count - 1 else accelerator.no_sync(module)
 
 
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient norm is inf or nan; the run stops there instead of training on garbage."""
+
+
+def _non_finite(accelerator: Accelerator, step: int, what: str, micro: list[Batch]) -> NonFiniteError:
+    ids = [rid for batch in micro for rid in getattr(batch, "record_ids", [])]
+    where = f" on process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
+    return NonFiniteError(
+        f"step {step}: non-finite training values ({what}); records in this step's batches{where}: "
+        f"{', '.join(ids)}. Stopped before the optimizer step: the weights and the checkpoints already "
+        "written are as they were (check these records, or lower --lr, then resume)"
+    )
+
+
+def check_finite(
+    accelerator: Accelerator, step: int, loss, grad_norm: torch.Tensor | None, micro: list[Batch]
+) -> None:
+    """Raises :class:`NonFiniteError` naming the step and the records of its micro-batches when this process's
+    loss sums (``loss``: a number or a tensor of them) or the gradient norm is not finite.
+
+    Every process reaches the same verdict (one all-reduce of a flag), so none is left waiting in a collective
+    for one that stopped. Called before the optimizer step, so nothing of the bad step reaches the weights
+    or a checkpoint.
+    """
+    local = torch.as_tensor(loss, dtype=torch.float64).detach().cpu()
+    local_bad = not bool(torch.isfinite(local).all())
+    norm = None if grad_norm is None else float(grad_norm)
+    flag = torch.tensor([float(local_bad)], device=accelerator.device)
+    if float(accelerator.reduce(flag, "sum").item()) == 0 and (norm is None or math.isfinite(norm)):
+        return
+    if local_bad:
+        what = f"loss {local.flatten().tolist()}"
+    elif norm is None or math.isfinite(norm):
+        what = "loss not finite on another process"
+    else:
+        what = "loss finite"
+    raise _non_finite(accelerator, step, f"{what}, gradient norm {norm}", micro)
+
+
+@contextlib.contextmanager
+def names_step(accelerator: Accelerator, step: int, micro: list[Batch]):
+    """Within a step's forward: a FloatingPointError raised there (the layer matching refusing NaN scores,
+    :class:`vlsi.matching.NonFiniteScores`) becomes a :class:`NonFiniteError` naming the step and records."""
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except FloatingPointError as e:
+        raise _non_finite(accelerator, step, str(e), micro) from e
+
+
 def optimizer_step(
-    accelerator: Accelerator, module: torch.nn.Module, optimizer, scheduler, max_grad_norm: float
+    accelerator: Accelerator,
+    module: torch.nn.Module,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    step: int,
+    loss,
+    micro: list[Batch],
 ):
-    """Clip (if asked), step the optimizer and the schedule, clear the gradients."""
-    if max_grad_norm:
-        accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+    """Clip (if asked), check the step is finite (:func:`check_finite`), step the optimizer and the
+    schedule, clear the gradients. ``step`` is the number of the step being taken (1-based), ``loss`` this
+    process's loss sums over ``micro``, its micro-batches."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clips inside its own step (configure_deepspeed) and knows the norm only after it; the
+        # loss is checked alone.
+        grad_norm = None
+    else:
+        # max_norm inf measures without clipping.
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or math.inf)
+    check_finite(accelerator, step, loss, grad_norm, micro)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

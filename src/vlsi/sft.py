@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,10 @@ from vlsi.checkpointing import CheckpointManager
 from vlsi.data import ChatDataset, Encoder
 from vlsi.engines import whole_weights
 from vlsi.evaluate import EvalConfig, evaluate
-from vlsi.export import export_checkpoint, load_model
+from vlsi.export import export_checkpoint
+from vlsi.lora import apply_lora
 from vlsi.losses import response_cross_entropy
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
@@ -66,18 +67,6 @@ class SFTConfig(SFTSettings):
     model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
-
-
-def apply_lora(model, rank: int, alpha: int, seed: int):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    family = family_for(model)
-    # Adapters on the language model's decoder layers only: vision towers reuse the same module names.
-    names = "|".join(family.lora_target_modules)
-    target = rf"{re.escape(family.decoder_layers)}\.\d+\..*({names})"
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target)
-    return get_peft_model(model, config)
 
 
 def enable_gradient_checkpointing(model, lora: bool) -> None:
@@ -154,7 +143,9 @@ def train_sft(cfg: SFTConfig) -> dict:
             accelerator.backward(loss)
             step_loss += loss_sum.item()
             window_tokens += int(batch["attention_mask"].sum())
-        optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, model, optimizer, scheduler, cfg.max_grad_norm, step + 1, step_loss, micro
+        )
         step += 1
         tokens_seen += window_tokens
         run_tokens += window_tokens

@@ -34,7 +34,7 @@ from vlsi.chunked import DEFAULT_CHUNK_TOKENS, chunk_tokens, chunked_unsupported
 from vlsi.data import ChatDataset, Encoder, collate
 from vlsi.engines import prepare_frozen, whole_load, whole_weights
 from vlsi.evaluate import generate_answers
-from vlsi.export import load_model
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor
 from vlsi.runtime import (
     TrainingArgs,
@@ -318,7 +318,9 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
                 loss = sum(per_layer.values()) * world / n_resp
             accelerator.backward(loss)
             step_sums += torch.tensor([per_layer[layer].item() for layer in layers])
-        optimizer_step(accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm)
+        optimizer_step(
+            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, step_sums, micro
+        )
         step += 1
         history.append(global_token_mean(accelerator, step_sums, n_resp))
         bar.update(1)

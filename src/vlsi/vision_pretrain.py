@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlsi.export import export_checkpoint, load_model
+from vlsi.export import export_checkpoint
+from vlsi.models import load_model
 from vlsi.optim import build_optimizer
 from vlsi.processing import VLProcessor
 
