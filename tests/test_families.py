@@ -67,6 +67,14 @@ def test_tiny_pair_of_each_family(family, family_models):
         assert (paths["teacher"] / name).read_bytes() == (paths["student"] / name).read_bytes()
 
 
+def test_an_unknown_family_is_refused_naming_the_known_ones(tmp_path, capsys):
+    assert main(["tiny", "--family", "llava", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown family 'llava'; vlsi tiny builds qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "m").exists()
+
+
 def test_two_families_are_refused_before_any_compute(family_models, synth_data, tmp_path, capsys):
     teacher, student = family_models("qwen3_vl")["teacher"], family_models("llava_onevision")["student"]
     out = tmp_path / "run"

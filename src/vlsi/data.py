@@ -195,7 +195,7 @@ class Encoder:
         images = load_images(paths)
         try:
             image_inputs = self.processor.process_images(images)
-        except (ValueError, ZeroDivisionError, OverflowError) as e:
+        except ValueError as e:
             sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
             raise RecordError(
                 f"the {self.processor.model_type} image processor cannot take {[str(p) for p in paths]} "

@@ -200,13 +200,10 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
     )
 
 
-def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor, family=None) -> None:
-    """Write the files a stock checkpoint of the family carries, so ``AutoProcessor`` also loads it
-    where torchvision is installed, while vlsi's own processor needs only the tokenizer, the image
-    processor and the chat template."""
-    from vlsi.tiny_models import tiny_family
-
-    family = family or tiny_family("qwen2_vl")
+def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor, family) -> None:
+    """Write the files a stock checkpoint of ``family`` (a :class:`vlsi.tiny_models.TinyFamily`) carries,
+    so ``AutoProcessor`` also loads it where torchvision is installed, while vlsi's own processor needs
+    only the tokenizer, the image processor and the chat template."""
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     pre = json.loads((out / "preprocessor_config.json").read_text())

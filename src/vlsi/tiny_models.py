@@ -120,9 +120,10 @@ def qwen2_5_vl_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen2_5_VLCon
 def qwen3_vl_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen3VLConfig:
     head_dim = _head_dim(size)
     half = head_dim // 2
-    # Qwen3-VL interleaves the sections; its released split is 24/20/20 of 64.
-    sections = mrope_sections(half, cfg.mrope_section) if cfg.mrope_section else None
-    sections = sections or [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+    if cfg.mrope_section:
+        sections = mrope_sections(half, cfg.mrope_section)
+    else:  # Qwen3-VL interleaves the sections, and its released split is 24/20/20 of 64
+        sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
     rope = {"rope_theta": cfg.rope_theta, "mrope_section": sections, "mrope_interleaved": True}
     side = cfg.image_size // cfg.patch_size
     vision = dict(
@@ -212,13 +213,9 @@ def _qwen_image_processor(cfg: TinyConfig):
     return build_image_processor(cfg.image_size, cfg.patch_size)
 
 
-def _qwen_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    return build_tokenizer(vocab_size)
-
-
 def _qwen(name: str, model_cls: type, make_config, processor: str, video: str) -> TinyFamily:
     return TinyFamily(
-        name, model_cls, make_config, _qwen_tokenizer, _qwen_image_processor, CHAT_TEMPLATE, processor, video
+        name, model_cls, make_config, build_tokenizer, _qwen_image_processor, CHAT_TEMPLATE, processor, video
     )
 
 
