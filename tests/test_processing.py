@@ -191,6 +191,22 @@ def test_a_checkpoint_whose_tokenizer_lacks_the_image_token_is_refused(family_mo
         VLProcessor.from_pretrained(path)
 
 
+def test_a_chat_template_in_the_older_processor_file_is_read(family_models, tmp_path):
+    source = family_models("llava_onevision")["student"]
+    path = tmp_path / "legacy"
+    shutil.copytree(source, path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert VLProcessor.from_pretrained(path).tokenizer.chat_template == template
+    (path / "chat_template.json").write_text(json.dumps({"template": template}))
+    with pytest.raises(ValueError, match="chat_template.json: no 'chat_template' string"):
+        VLProcessor.from_pretrained(path)
+    (path / "chat_template.json").unlink()
+    with pytest.raises(ValueError, match="legacy: no chat template"):
+        VLProcessor.from_pretrained(path)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_processor_gives_the_same_inputs_where_torchvision_exists(family, family_models, tmp_path):
     pytest.importorskip("torchvision")

@@ -12,6 +12,7 @@ processors in ``tests/test_processing.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -112,6 +113,22 @@ RULES = {
 }
 
 
+def _chat_template(path: Path) -> str:
+    """The template beside the tokenizer: ``chat_template.jinja``, or the ``chat_template.json`` that
+    processors saved by older transformers write (LLaVA-OneVision's released checkpoints among them)."""
+    jinja, legacy = path / "chat_template.jinja", path / "chat_template.json"
+    if jinja.is_file():
+        return jinja.read_text()
+    if legacy.is_file():
+        template = json.loads(legacy.read_text()).get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f"{legacy}: no 'chat_template' string")
+        return template
+    raise ValueError(
+        f"{path}: no chat template (not in the tokenizer, chat_template.jinja or chat_template.json)"
+    )
+
+
 @dataclass
 class VLProcessor:
     tokenizer: object
@@ -130,12 +147,7 @@ class VLProcessor:
             raise ValueError(f"{path}: {e}") from None
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.chat_template is None:
-            template = Path(path) / "chat_template.jinja"
-            if not template.exists():
-                raise ValueError(
-                    f"{path}: no chat template (neither in the tokenizer nor chat_template.jinja)"
-                )
-            tokenizer.chat_template = template.read_text()
+            tokenizer.chat_template = _chat_template(Path(path))
         token_id = tokenizer.convert_tokens_to_ids(family.image_token)
         expected = getattr(config, "image_token_id", None)
         if expected is None:
