@@ -44,3 +44,43 @@ def verbalizers(tiny_models, tmp_path_factory):
         layers = list(range(backbone.num_layers - 1))
         paths[name] = build_verbalizers(backbone, layers).save(root / name, base_model_info(backbone))
     return paths
+
+
+# Each family's tiny pair for the per-family tests: the smallest sizes the families accept with the
+# built-in image pipeline, so a step takes well under a second.
+FAMILY_SIZES = {
+    "vision_dim": 32,
+    "vision_depth": 2,
+    "teacher": {
+        "hidden_size": 32,
+        "num_layers": 4,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "intermediate_size": 64,
+    },
+    "student": {
+        "hidden_size": 16,
+        "num_layers": 2,
+        "num_heads": 1,
+        "num_kv_heads": 1,
+        "intermediate_size": 32,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """``family -> {"teacher": path, "student": path}``, each family's pair built on first use."""
+    from vlsi.tiny import LMSize
+
+    built = {}
+
+    def get(family: str) -> dict:
+        if family not in built:
+            sizes = dict(FAMILY_SIZES, teacher=LMSize(**FAMILY_SIZES["teacher"]))
+            sizes["student"] = LMSize(**FAMILY_SIZES["student"])
+            out = tmp_path_factory.mktemp(family)
+            built[family] = build_tiny(TinyConfig(out=str(out), family=family, **sizes))
+        return built[family]
+
+    return get

@@ -24,6 +24,8 @@ from PIL import Image
 from vlsi.processing import VLProcessor
 
 IGNORE_INDEX = -100
+# Per-image (or per-record) tensors beside pixel_values, concatenated over a batch's records.
+IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -153,8 +155,7 @@ class Encoder:
     def encode(self, record: dict, base: Path) -> dict:
         paths = image_paths(record, base)
         messages = to_messages(record, len(paths))
-        image_inputs = self.processor.process_images(load_images(paths))
-        counts = self.processor.image_token_counts(image_inputs)
+        image_inputs, counts = self._images(paths)
         full = self._expand(self.processor.render(messages), counts)
         spans = []
         for k, message in enumerate(messages):
@@ -181,16 +182,32 @@ class Encoder:
         paths = image_paths(record, base)
         messages = to_messages(record, len(paths))
         answer = record["conversations"][-1]["value"]
-        image_inputs = self.processor.process_images(load_images(paths))
-        counts = self.processor.image_token_counts(image_inputs)
+        image_inputs, counts = self._images(paths)
         prompt = self._expand(self.processor.render(messages[:-1], add_generation_prompt=True), counts)
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
             raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")
         return {**self._token_fields(ids), **image_inputs}, answer
 
+    def _images(self, paths: list[Path]) -> tuple[dict, list[int]]:
+        """The record's pixel tensors and placeholder count per image. An image the family's processor
+        refuses (say, far too thin for its resize rule) makes the record unusable, not the run."""
+        images = load_images(paths)
+        try:
+            image_inputs = self.processor.process_images(images)
+        except ValueError as e:
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise RecordError(
+                f"the {self.processor.model_type} image processor cannot take {[str(p) for p in paths]} "
+                f"({sizes} px): {e}",
+                "image rejected by the processor",
+            ) from None
+        return image_inputs, self.processor.image_token_counts(image_inputs)
+
     def _token_fields(self, ids: list[int]) -> dict:
         input_ids = torch.tensor(ids)
+        if not self.processor.token_types:
+            return {"input_ids": input_ids}
         # transformers v5 places multimodal rotary positions by these types (1 = image token).
         return {
             "input_ids": input_ids,
@@ -266,8 +283,16 @@ def collate(items: list[dict | None], pad_id: int, padding_side: str = "right") 
         batch[key] = torch.stack(rows)
     with_images = [x for x in items if "pixel_values" in x]
     if with_images:
-        batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])
-        batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])
+        pixels = [x["pixel_values"] for x in with_images]
+        if pixels[0].dim() == 5:
+            # Tile stacks [images, tiles, C, H, W] (LLaVA-OneVision): zero tiles pad each to the longest,
+            # as the stock processor pads a batch; the model reads only each image's own tiles.
+            most = max(p.shape[1] for p in pixels)
+            pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+        batch["pixel_values"] = torch.cat(pixels)
+        for key in IMAGE_KEYS:
+            if key in with_images[0]:
+                batch[key] = torch.cat([x[key] for x in with_images])
     return batch
 
 

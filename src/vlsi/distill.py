@@ -34,6 +34,7 @@ from vlsi.export import is_exported
 from vlsi.figures import plot_curves, plot_skills, read_curve
 from vlsi.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
+from vlsi.processing import check_pair
 from vlsi.sft import SFTConfig, SFTSettings, train_sft
 from vlsi.verbalize import VerbalizeConfig, VerbalizeSettings, train_verbalizers
 
@@ -235,6 +236,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     if cfg.teacher:
         if not (cfg.student and cfg.train_data):
             raise ValueError("a distill config with a teacher also needs 'student' and 'train_data'")
+        check_pair(cfg.teacher, cfg.student)
         teacher, student, train, test = cfg.teacher, cfg.student, cfg.train_data, cfg.test_data
     else:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -52,7 +52,7 @@ from vlsi.export import export_checkpoint
 from vlsi.lora import apply_lora
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.models import check_same_tokenizer, load_model
-from vlsi.processing import VLProcessor
+from vlsi.processing import VLProcessor, check_pair
 from vlsi.runtime import (
     TrainingArgs,
     append_jsonl,
@@ -382,9 +382,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    check_pair(cfg.teacher, cfg.student)
     processor = VLProcessor.from_pretrained(cfg.student)
-    # Comparing distributions over differently-indexed vocabularies would train on noise without an error.
-    check_same_tokenizer(VLProcessor.from_pretrained(cfg.teacher).tokenizer, processor.tokenizer)
 
     with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
         student = load_model(cfg.student, dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""The built-in tiny setting: a random-weight Qwen2-VL teacher and student, built locally.
+"""The built-in tiny setting: a random-weight Qwen2-VL teacher and student, built locally
+(other families: :mod:`vlsi.tiny_models`).
 
 Both models are ordinary Qwen2-VL checkpoints (``Qwen2VLForConditionalGeneration``) saved with a
 tokenizer, an image processor and a chat template, so every later step loads them through the
@@ -22,7 +23,6 @@ from transformers import (
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -77,6 +77,10 @@ class LMSize:
 @dataclass
 class TinyConfig:
     out: str = field(metadata={"help": "output directory; writes OUT/teacher and OUT/student"})
+    family: str = field(
+        default="qwen2_vl",
+        metadata={"help": "model family: qwen2_vl, qwen2_5_vl, qwen3_vl or llava_onevision"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random weights"})
     vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary size (incl. specials)"})
     image_size: int = field(default=48, metadata={"help": "pixels per side the image processor resizes to"})
@@ -200,37 +204,43 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
     )
 
 
-def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor) -> None:
-    """Write the files a stock Qwen2-VL checkpoint carries, so ``AutoProcessor`` also loads it
-    where torchvision is installed, while vlsi's own processor needs only these two parts."""
+def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor, family) -> None:
+    """Write the files a stock checkpoint of ``family`` (a :class:`vlsi.tiny_models.TinyFamily`) carries,
+    so ``AutoProcessor`` also loads it where torchvision is installed, while vlsi's own processor needs
+    only the tokenizer, the image processor and the chat template."""
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
     pre = json.loads((out / "preprocessor_config.json").read_text())
-    pre["processor_class"] = "Qwen2VLProcessor"
+    pre["processor_class"] = family.processor_class
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    video = dict(pre, video_processor_type="Qwen2VLVideoProcessor")
+    video = dict(pre, video_processor_type=family.video_processor_class)
     video.pop("image_processor_type", None)
     (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "chat_template.jinja").write_text(family.chat_template)
 
 
 def build_tiny(cfg: TinyConfig) -> dict[str, Path]:
-    """Builds and saves the tiny teacher and student; returns their directories."""
+    """Builds and saves the tiny teacher and student of ``cfg.family``; returns their directories."""
+    from vlsi.tiny_models import tiny_family
+
+    family = tiny_family(cfg.family)
     out = Path(cfg.out)
-    tokenizer = build_tokenizer(cfg.vocab_size)
-    image_processor = build_image_processor(cfg.image_size, cfg.patch_size)
+    tokenizer = family.make_tokenizer(cfg.vocab_size)
+    image_processor = family.make_image_processor(cfg)
     paths = {}
     for offset, (name, size) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
         torch.manual_seed(cfg.seed * 1000 + offset)
-        model = Qwen2VLForConditionalGeneration(build_config(cfg, size, tokenizer))
+        model = family.model_cls(family.make_config(cfg, size, tokenizer))
         model.generation_config = GenerationConfig(
-            eos_token_id=model.config.eos_token_id,
-            pad_token_id=model.config.pad_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
             do_sample=False,
         )
         path = out / name
         model.save_pretrained(path)
-        save_processor_files(path, tokenizer, image_processor)
+        save_processor_files(path, tokenizer, image_processor, family)
+        if family.processor_config is not None:
+            (path / "processor_config.json").write_text(json.dumps(family.processor_config(cfg), indent=2))
         paths[name] = path
     return paths
 

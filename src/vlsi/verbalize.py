@@ -419,7 +419,10 @@ def greedy_from_layer(backbone: Backbone, read, layer: int, prompt: dict, eos_id
         grow = torch.tensor([[token]], device=device)
         batch["input_ids"] = torch.cat([batch["input_ids"], grow], dim=1)
         batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones_like(grow)], dim=1)
-        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(grow)], dim=1)
+        if "mm_token_type_ids" in batch:
+            batch["mm_token_type_ids"] = torch.cat(
+                [batch["mm_token_type_ids"], torch.zeros_like(grow)], dim=1
+            )
     return new
 
 
