@@ -51,7 +51,7 @@ from vlsi.engines import prepare_frozen, whole_load, whole_weights
 from vlsi.export import export_checkpoint
 from vlsi.lora import apply_lora
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
-from vlsi.models import check_same_tokenizer, load_model
+from vlsi.models import load_model
 from vlsi.processing import VLProcessor, check_pair
 from vlsi.runtime import (
     TrainingArgs,
