@@ -21,7 +21,8 @@ from pathlib import Path
 from vlsi.evaluate import EvalConfig, evaluate
 from vlsi.pipeline import TinySettings, base_sft_config
 from vlsi.sft import train_sft
-from vlsi.tiny import TinyConfig, build_tiny
+from vlsi.tiny import TinyConfig
+from vlsi.tiny_models import build_tiny
 
 
 def trial_records(data: Path, split: str, skills: set[str], question_first: bool) -> list[dict]:

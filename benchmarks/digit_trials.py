@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from vlsi.sft import SFTConfig, train_sft
-from vlsi.tiny import LMSize, TinyConfig, build_tiny
+from vlsi.tiny import LMSize, TinyConfig
+from vlsi.tiny_models import build_tiny
 
 
 def main() -> None:

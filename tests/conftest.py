@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vlsi.synth import SynthConfig, generate
-from vlsi.tiny import TinyConfig, build_tiny
+from vlsi.tiny import TinyConfig
+from vlsi.tiny_models import build_tiny
 
 
 @pytest.fixture(scope="session")

@@ -208,11 +208,14 @@ def test_interaction_loss_chunked_equals_reference(tiny_step, options):
         results[impl, chunk] = loss, parts, match, grads
     loss, parts, match, grads = results["reference", 1]
     assert "student.lm_head.weight" in grads  # full fine-tuning trains the head too
+    # The summed loss adds several layers' token sums in another order; on AVX-512 CPUs that fp32
+    # rounding reaches 2e-5 relative, while each gradient still agrees to TOL.
+    loss_tol = dict(rtol=1e-4, atol=1e-5)
     for key in (("chunked", 5), ("chunked", 1000)):
         c_loss, c_parts, c_match, c_grads = results[key]
-        torch.testing.assert_close(c_loss, loss, **TOL)
+        torch.testing.assert_close(c_loss, loss, **loss_tol)
         for part in parts:
-            torch.testing.assert_close(c_parts[part], parts[part], **TOL)
+            torch.testing.assert_close(c_parts[part], parts[part], **loss_tol)
         assert (c_match is None) == (match is None)
         if match is not None:
             assert c_match.teacher_index == match.teacher_index

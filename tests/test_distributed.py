@@ -68,7 +68,8 @@ def run_in_process(args: list[str], dump: Path) -> dict:
 
 
 def assert_same_step(got: dict, want: dict) -> None:
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    # fp32 sums over other splits of the batch: up to 3e-5 relative on AVX-512 CPUs.
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert got["grads"].keys() == want["grads"].keys() and want["grads"]
     for name, grad in want["grads"].items():
         # Sums over differently padded batches and processes differ in rounding only.

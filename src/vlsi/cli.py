@@ -34,7 +34,8 @@ def _cmd_digits(cfg):
 def _cmd_tiny(cfg):
     from transformers import AutoModelForImageTextToText
 
-    from vlsi.tiny import build_tiny, count_parameters
+    from vlsi.tiny import count_parameters
+    from vlsi.tiny_models import build_tiny
 
     for name, path in build_tiny(cfg).items():
         model = AutoModelForImageTextToText.from_pretrained(path)

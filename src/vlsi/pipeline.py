@@ -17,7 +17,8 @@ from vlsi.evaluate import EvalConfig, evaluate
 from vlsi.export import is_exported
 from vlsi.sft import SFTConfig, train_sft
 from vlsi.synth import SynthConfig, generate
-from vlsi.tiny import TinyConfig, build_tiny
+from vlsi.tiny import TinyConfig
+from vlsi.tiny_models import build_tiny
 from vlsi.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
 

@@ -226,6 +226,8 @@ def check_pair(teacher: str | Path, student: str | Path) -> None:
     mismatch would train on noise without any error."""
     from vlsi.models import check_same_tokenizer
 
+    # A mistyped folder is named as one, not reported as a failed hub connection.
+    teacher, student = resolve_model(teacher), resolve_model(student)
     families = {}
     for role, path in (("teacher", teacher), ("student", student)):
         try:

@@ -1,5 +1,5 @@
 """The built-in tiny setting: a random-weight Qwen2-VL teacher and student, built locally
-(other families: :mod:`vlsi.tiny_models`).
+(other families, and the builder of every pair: :mod:`vlsi.tiny_models`).
 
 Both models are ordinary Qwen2-VL checkpoints (``Qwen2VLForConditionalGeneration``) saved with a
 tokenizer, an image processor and a chat template, so every later step loads them through the
@@ -13,14 +13,11 @@ which is what lets a from-scratch model learn the task on a CPU in minutes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
 )
@@ -202,47 +199,6 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-
-
-def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor, family) -> None:
-    """Write the files a stock checkpoint of ``family`` (a :class:`vlsi.tiny_models.TinyFamily`) carries,
-    so ``AutoProcessor`` also loads it where torchvision is installed, while vlsi's own processor needs
-    only the tokenizer, the image processor and the chat template."""
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    pre = json.loads((out / "preprocessor_config.json").read_text())
-    pre["processor_class"] = family.processor_class
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    video = dict(pre, video_processor_type=family.video_processor_class)
-    video.pop("image_processor_type", None)
-    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    (out / "chat_template.jinja").write_text(family.chat_template)
-
-
-def build_tiny(cfg: TinyConfig) -> dict[str, Path]:
-    """Builds and saves the tiny teacher and student of ``cfg.family``; returns their directories."""
-    from vlsi.tiny_models import tiny_family
-
-    family = tiny_family(cfg.family)
-    out = Path(cfg.out)
-    tokenizer = family.make_tokenizer(cfg.vocab_size)
-    image_processor = family.make_image_processor(cfg)
-    paths = {}
-    for offset, (name, size) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
-        torch.manual_seed(cfg.seed * 1000 + offset)
-        model = family.model_cls(family.make_config(cfg, size, tokenizer))
-        model.generation_config = GenerationConfig(
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
-            do_sample=False,
-        )
-        path = out / name
-        model.save_pretrained(path)
-        save_processor_files(path, tokenizer, image_processor, family)
-        if family.processor_config is not None:
-            (path / "processor_config.json").write_text(json.dumps(family.processor_config(cfg), indent=2))
-        paths[name] = path
-    return paths
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -14,10 +14,14 @@ Every family's image pipeline is sized like the Qwen2-VL one: one visual token p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from transformers import (
+    GenerationConfig,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     PretrainedConfig,
@@ -262,3 +266,42 @@ def tiny_family(name: str) -> TinyFamily:
     if name not in TINY_FAMILIES:
         raise ValueError(f"unknown family {name!r}; vlsi tiny builds {', '.join(TINY_FAMILIES)}")
     return TINY_FAMILIES[name]
+
+
+def save_processor_files(out: Path, tokenizer: PreTrainedTokenizerFast, image_processor, family) -> None:
+    """Write the files a stock checkpoint of ``family`` (a :class:`vlsi.tiny_models.TinyFamily`) carries,
+    so ``AutoProcessor`` also loads it where torchvision is installed, while vlsi's own processor needs
+    only the tokenizer, the image processor and the chat template."""
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["processor_class"] = family.processor_class
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    video = dict(pre, video_processor_type=family.video_processor_class)
+    video.pop("image_processor_type", None)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    (out / "chat_template.jinja").write_text(family.chat_template)
+
+
+def build_tiny(cfg: TinyConfig) -> dict[str, Path]:
+    """Builds and saves the tiny teacher and student of ``cfg.family``; returns their directories."""
+    family = tiny_family(cfg.family)
+    out = Path(cfg.out)
+    tokenizer = family.make_tokenizer(cfg.vocab_size)
+    image_processor = family.make_image_processor(cfg)
+    paths = {}
+    for offset, (name, size) in enumerate((("teacher", cfg.teacher), ("student", cfg.student))):
+        torch.manual_seed(cfg.seed * 1000 + offset)
+        model = family.model_cls(family.make_config(cfg, size, tokenizer))
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=False,
+        )
+        path = out / name
+        model.save_pretrained(path)
+        save_processor_files(path, tokenizer, image_processor, family)
+        if family.processor_config is not None:
+            (path / "processor_config.json").write_text(json.dumps(family.processor_config(cfg), indent=2))
+        paths[name] = path
+    return paths
