@@ -43,7 +43,9 @@ def test_k_equal_to_the_vocabulary_gives_the_dense_values_and_gradients(op, tau)
     s_total, s_values = head_losses(sparse, w_s, None, tau=tau, beta=0.3, chunk=5)
     torch.testing.assert_close(s_values, values, **TOL)
     inputs = [*feats, w_s]
-    for got, want in zip(torch.autograd.grad(s_total, inputs), torch.autograd.grad(total, inputs), strict=True):
+    for got, want in zip(
+        torch.autograd.grad(s_total, inputs), torch.autograd.grad(total, inputs), strict=True
+    ):
         torch.testing.assert_close(got, want, **TOL)
 
 
@@ -52,7 +54,9 @@ def test_scores_at_k_equal_to_the_vocabulary_are_the_dense_scores(name):
     student, teacher, w_s, w_t = _setup(1)
     width = min(V_S, V_T)
     dense = score_matrix(student, w_s, teacher, w_t, name, beta=0.3, tau=1.5, chunk=3)
-    sparse = sparse_score_matrix(student, w_s, _cached(teacher, w_t, width, width, 1.5), name, beta=0.3, tau=1.5)
+    sparse = sparse_score_matrix(
+        student, w_s, _cached(teacher, w_t, width, width, 1.5), name, beta=0.3, tau=1.5
+    )
     torch.testing.assert_close(sparse, dense, **TOL)
 
 
@@ -110,7 +114,10 @@ def test_bad_shapes_and_concatenation():
         SparseDist(ids, torch.zeros(3, 3), None, 10)
     with pytest.raises(ValueError, match="tail"):
         SparseDist(ids, torch.zeros(3, 2), torch.zeros(2), 10)
-    a, b = SparseDist(ids, torch.zeros(3, 2), torch.zeros(3), 10), SparseDist(ids, torch.zeros(3, 2), None, 10)
+    a, b = (
+        SparseDist(ids, torch.zeros(3, 2), torch.zeros(3), 10),
+        SparseDist(ids, torch.zeros(3, 2), None, 10),
+    )
     assert len(SparseDist.cat([a, a])) == 6
     with pytest.raises(ValueError, match="with and without"):
         SparseDist.cat([a, b])

@@ -291,7 +291,8 @@ def _forward_with_grads(plan: _Plan, weight: torch.Tensor, features: Sequence[to
                 del t_logits
             for k in ks:
                 term, f = terms[k], features[k][rows].detach().to(dtype)
-                w = w_full if term.op == LABELS else w_full[:group_width]  # shared_vocab trims the student too
+                # shared_vocab trims the student too
+                w = w_full if term.op == LABELS else w_full[:group_width]
                 want = plan.grad_features[k] or plan.grad_weight
                 # The logits [c, V] go straight in, so that they are freed as soon as they are read.
                 value, g = _value_and_grad(term, plan, F.linear(f, w), log_pt, rows, want)
