@@ -174,11 +174,6 @@ class InteractConfig(InteractSettings):
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: student checkpoint, verbalizers/, matches.json"})
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.teacher_cache and not (self.teacher and self.teacher_verbalizers):
-            raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
-
 
 class Reader:
     """``read(layer, states [N, D]) -> logits [N, V]``: a target layer through its verbalizer, or "final" (the
@@ -402,6 +397,8 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
 
 def train_interaction(cfg: InteractConfig) -> dict:
     cfg.validate()
+    if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
+        raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.student)
