@@ -88,12 +88,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_steps(args, loss_fn, params, batch) -> dict:
-    """Warm-up, then ``--steps`` timed optimizer steps; the fastest counts, the peak over all of them."""
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-7)
+def _stepper(args, loss_fn, optimizer, batch):
+    """One optimizer step of ``loss_fn`` (forward, backward, update) -> (seconds, loss)."""
     n = max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
-    def step():
+    def step() -> tuple[float, float]:
         start = time.perf_counter()
         with torch.autocast(args.device, torch.bfloat16, enabled=args.dtype == "bf16"):
             loss = loss_fn() / n
@@ -103,11 +102,7 @@ def _timed_steps(args, loss_fn, params, batch) -> dict:
         _sync(args.device)
         return time.perf_counter() - start, float(loss.detach())
 
-    step()  # optimizer state, allocator, kernels
-    memory = vl.Memory(args.device)
-    base = memory.reset()
-    runs = [step() for _ in range(args.steps)]
-    return {"time_s": min(r[0] for r in runs), "peak_mb": memory.peak(), "base_mb": base, "loss": runs[-1][1]}
+    return step
 
 
 def _write(dists: dict, k: int, root: Path) -> dict:
@@ -216,28 +211,17 @@ def run(args) -> dict:
     module = _interaction(student, s_verb, args.chunk)
     held = {"teacher": teacher, "verbalizers": t_verb, "read": Reader(teacher, t_verb)}
     del teacher, t_verb
+    timed = {key: d.to(args.device) for key, d in cached[args.k_time].items()}
+    del cached
+    last = student.num_layers - 1
 
     def live_step():
         layers = held["verbalizers"].layers
         states = teacher_response_states(held["teacher"], layers, batch)
         return module(batch, states, held["read"], layers, generator)[0]
 
-    steps = {"live": _timed_steps(args, live_step, params, batch)}
-    done("live step")
-    # The teacher leaves: what remains resident is the student, its optimizer and the cached batch.
-    timed = {key: d.to(args.device) for key, d in cached[args.k_time].items()}
-    held.clear()
-    del cached
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-
     def cached_step():
         return module(batch, timed, None, preset.teacher_layers, generator)[0]
-
-    steps["cached"] = _timed_steps(args, cached_step, params, batch)
-    done("cached step")
-    last = student.num_layers - 1
 
     def student_step():
         hidden = student.layer_states(sorted({*s_verb.layers, last}), batch)
@@ -248,9 +232,38 @@ def run(args) -> dict:
             terms.append(Term(features, LABELS, target=target))
         return head_losses(terms, head_weight(student.lm_head), chunk=args.chunk)[0]
 
-    steps["student"] = _timed_steps(args, student_step, params, batch)
-    done("student-only step")
-
+    # One optimizer for all three: the same student state (weights, AdamW moments) in every configuration.
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-7)
+    fns = {name: _stepper(args, fn, optimizer, batch) for name, fn in
+           (("live", live_step), ("cached", cached_step), ("student", student_step))}  # fmt: skip
+    for step in fns.values():
+        step()  # optimizer state, allocator, kernels
+    memory = vl.Memory(args.device)
+    runs = {name: [] for name in fns}
+    peaks = {}
+    # Interleaved, so that a machine whose load changes over the run slows the three alike.
+    for _ in range(args.steps):
+        for name, step in fns.items():
+            memory.reset()
+            runs[name].append(step())
+            peaks[name] = max(peaks.get(name, 0.0), memory.peak())
+    done("timed steps")
+    # The teacher leaves: what remains resident is the student, its optimizer and the cached batch, so the
+    # peaks of these two steps hold no teacher weights (the ones above did, for every configuration).
+    held.clear()
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    for name in ("cached", "student"):
+        memory.reset()
+        runs[name].append(fns[name]())
+        peaks[name] = memory.peak()
+    done("peak memory without the teacher")
+    steps = {
+        name: {"time_s": min(r[0] for r in rs[: args.steps]), "times_s": [r[0] for r in rs],
+               "peak_mb": peaks[name], "loss": rs[-1][1]}
+        for name, rs in runs.items()
+    }  # fmt: skip
     live, cached_r, student_r = steps["live"], steps["cached"], steps["student"]
     per_k = agreement["per_k"]
     return {
