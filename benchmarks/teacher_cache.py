@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -346,8 +345,11 @@ def main(argv=None) -> int:
     summary = run(args)
     print_summary(summary)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        from vlsi.teacher_cache import write_json_atomic
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, summary)
     return 0
 
 
