@@ -189,7 +189,7 @@ class Term:
     features: torch.Tensor  # [N, D_s], carries the graph
     op: str
     weight: float = 1.0
-    teacher: torch.Tensor | None = None  # [N, D_t], no graph
+    teacher: torch.Tensor | None = None  # [N, D_t], no graph; or a cached teacher (vlsi.sparse.SparseDist)
     target: torch.Tensor | None = None  # [N] token ids
 
 
@@ -227,6 +227,8 @@ def _value_and_grad(
     forward KL and soft CE: tau (p - q); reverse KL: tau p (d - sum p d), d = log p - log q.
     """
     tau, op = plan.tau, term.op
+    if hasattr(log_pt, "value_and_grad"):  # a cached teacher's top-k buckets (vlsi.sparse.SparseDist)
+        return log_pt.value_and_grad(op, s_logits, tau, plan.beta, want_grad)
     if op == LABELS:
         log_ps = F.log_softmax(s_logits.float(), dim=-1)
         del s_logits  # the caller keeps no reference: one [c, V] block fewer from here on
@@ -280,13 +282,17 @@ def _forward_with_grads(plan: _Plan, weight: torch.Tensor, features: Sequence[to
     for rows in _chunks(n, plan.chunk):
         for ks in groups.values():
             log_pt = None  # shared by the group: the teacher's log-probabilities at this chunk
-            if terms[ks[0]].op != LABELS:
-                t_logits = F.linear(terms[ks[0]].teacher[rows].to(dtype), w_teacher[:width])
+            teacher, group_width = terms[ks[0]].teacher, width
+            if hasattr(teacher, "value_and_grad"):  # cached top-k buckets over their own vocabulary
+                log_pt, group_width = teacher[rows], teacher.width
+            elif terms[ks[0]].op != LABELS:
+                t_logits = F.linear(teacher[rows].to(dtype), w_teacher[:width])
                 log_pt = _log_softmax(t_logits, plan.tau)
                 del t_logits
             for k in ks:
                 term, f = terms[k], features[k][rows].detach().to(dtype)
-                w = w_full if term.op == LABELS else w_full[:width]  # shared_vocab trims the student too
+                # shared_vocab trims the student too
+                w = w_full if term.op == LABELS else w_full[:group_width]
                 want = plan.grad_features[k] or plan.grad_weight
                 # The logits [c, V] go straight in, so that they are freed as soon as they are read.
                 value, g = _value_and_grad(term, plan, F.linear(f, w), log_pt, rows, want)
@@ -355,7 +361,7 @@ def head_losses(
         _check(term)
     if tau <= 0:
         raise ValueError(f"temperature tau must be > 0, got {tau}")
-    if teacher_weight is None and any(t.op != LABELS for t in terms):
+    if teacher_weight is None and any(isinstance(t.teacher, torch.Tensor) for t in terms if t.op != LABELS):
         raise ValueError("divergence terms need the teacher head's weight")
     grad_on = torch.is_grad_enabled()
     # The teacher side never carries a graph. One detached tensor per distinct teacher input, so terms that

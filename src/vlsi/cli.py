@@ -91,6 +91,12 @@ def _cmd_interact(cfg):
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_teacher_cache(cfg):
+    from vlsi.teacher_cache_build import build_teacher_cache
+
+    print(json.dumps(build_teacher_cache(cfg), indent=2))
+
+
 def _cmd_distill(cfg):
     from vlsi.distill import run_distill
 
@@ -128,6 +134,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from vlsi.plan import PlanConfig, run_plan
     from vlsi.sft import SFTConfig
     from vlsi.synth import SynthConfig
+    from vlsi.teacher_cache_build import TeacherCacheConfig
     from vlsi.tiny import TinyConfig
     from vlsi.verbalize import InspectConfig, VerbalizeConfig
 
@@ -147,6 +154,11 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
             InteractConfig,
             _cmd_interact,
             "distil matched teacher layers into the student's verbalized layers (VLsI step 2)",
+        ),
+        "teacher-cache": (
+            TeacherCacheConfig,
+            _cmd_teacher_cache,
+            "run the teacher once and store its verbalized top-k distributions for 'interact --teacher-cache'",
         ),
         "distill": (
             DistillConfig,

@@ -36,6 +36,8 @@ from vlsi.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.processing import check_pair
 from vlsi.sft import SFTConfig, SFTSettings, train_sft
+from vlsi.teacher_cache import is_complete
+from vlsi.teacher_cache_build import TeacherCacheConfig, build_teacher_cache
 from vlsi.verbalize import VerbalizeConfig, VerbalizeSettings, train_verbalizers
 
 # results.json keys, in table order, with the label each gets in report.md.
@@ -143,6 +145,20 @@ class Distiller:
             )
         return out
 
+    def teacher_cache(self, tv: Path) -> None:
+        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1."""
+        settings, path = self.cfg.interact, self.cfg.interact.teacher_cache
+        if not path or is_complete(path):
+            return
+        print(f"[run ] teacher cache in {path}")
+        build_teacher_cache(
+            TeacherCacheConfig(
+                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
+                max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
+                kd_temperature=settings.kd_temperature,
+            )
+        )  # fmt: skip
+
     def interact(self, out: Path, student: str, tv: Path, sv: Path, label: str, **overrides) -> Path:
         # train_summary.json is written after the export, so it marks a finished stage.
         if stage(out / "train_summary.json", label):
@@ -172,6 +188,7 @@ class Distiller:
         cfg, root = self.cfg, self.root
         tv = self.verbalizers(self.teacher, cfg.teacher_layers, "teacher")
         sv = self.verbalizers(self.student, cfg.student_layers, "student")
+        self.teacher_cache(tv)
         step2 = self.interact(root / "step2_interact", self.student, tv, sv, "step 2: interaction")
         step3 = self.sft(root / "step3_sft", str(step2), "step 3: SFT of the interacted student")
         models = {"teacher": self.teacher, "student_base": self.student, "vlsi_step2": step2, "vlsi": step3}

@@ -70,6 +70,8 @@ from vlsi.runtime import (
     run_fingerprint,
 )
 from vlsi.sft import enable_gradient_checkpointing
+from vlsi.sparse import sparse_score_matrix
+from vlsi.teacher_cache import TeacherCache
 from vlsi.verbalizer import Verbalizers, base_model_info, response_states
 
 log = logging.getLogger("vlsi.interact")
@@ -138,6 +140,13 @@ class InteractSettings(TrainingArgs):
         default=DEFAULT_CHUNK_TOKENS,
         metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
     )
+    teacher_cache: str = field(
+        default="",
+        metadata={
+            "help": "a 'vlsi teacher-cache' directory: the teacher's top-k distributions are read from it and "
+            "the teacher is never loaded"
+        },
+    )
 
     def matching(self) -> MatchingConfig:
         return MatchingConfig(**{name: getattr(self, name) for name in _MATCHING})
@@ -153,12 +162,16 @@ class InteractSettings(TrainingArgs):
         if self.il == "none" and self.ll == "none" and self.ar_weight == 0:
             raise ValueError("--il none --ll none --ar-weight 0 leaves nothing to train on")
         chunk_tokens(self.loss_impl, self.loss_chunk_tokens)
+        if self.teacher_cache and self.loss_impl != "chunked":
+            raise ValueError("--teacher-cache works with --loss-impl chunked only")
 
 
 @dataclass(kw_only=True)
 class InteractConfig(InteractSettings):
-    teacher: str = field(metadata={"help": "checkpoint path of the (frozen) teacher"})
-    teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
+    teacher: str = field(default="", metadata={"help": "checkpoint path of the (frozen) teacher"})
+    teacher_verbalizers: str = field(
+        default="", metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"}
+    )
     student: str = field(metadata={"help": "checkpoint path of the student to train"})
     student_verbalizers: str = field(metadata={"help": "the student's verbalizers ('vlsi verbalize-train')"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
@@ -226,7 +239,10 @@ class InteractionLoss(nn.Module):
         states = {layer: response_states(hidden[layer], batch["labels"])[0] for layer in layers}
         final_states, target = response_states(hidden[self._last], batch["labels"])
         losses = self._reference_losses
-        if self.cfg.loss_impl == "chunked":
+        if teacher_read is None:  # a cached teacher (vlsi.teacher_cache): sparse states, chunked losses only
+            head_weight(self.backbone.lm_head)  # refuses a head the chunked losses cannot use
+            losses = self._chunked_losses
+        elif self.cfg.loss_impl == "chunked":
             reason = chunked_unsupported(self.backbone.lm_head) or chunked_unsupported(teacher_read.head)
             if reason is None:
                 losses = self._chunked_losses
@@ -279,7 +295,8 @@ class InteractionLoss(nn.Module):
     ):
         """The same losses through :mod:`vlsi.chunked`: only [chunk, V] logits ever exist, scores carry no graph."""
         cfg, tau, chunk = self.cfg, self.cfg.kd_temperature, self.cfg.loss_chunk_tokens
-        s_head, t_head = head_weight(self.backbone.lm_head), head_weight(teacher_read.head)
+        s_head = head_weight(self.backbone.lm_head)
+        t_head = None if teacher_read is None else head_weight(teacher_read.head)
         n_tokens = max(1, target.numel())
         terms: list[Term] = []
         part_of: list[str] = []  # which logged part each term adds to
@@ -288,17 +305,16 @@ class InteractionLoss(nn.Module):
         if cfg.il != "none":
             features = [self._read.features(layer, states[layer]) for layer in self.verbalizers.layers]
             with torch.no_grad():
-                t_features = [teacher_read.features(layer, teacher_states[layer]) for layer in teacher_layers]
-                scores = score_matrix(
-                    [f.detach() for f in features],
-                    s_head,
-                    t_features,
-                    t_head,
-                    cfg.divergence,
-                    beta=cfg.jsd_beta,
-                    tau=tau,
-                    chunk=score_chunk_tokens(chunk, len(features)),
-                )
+                s_features = [f.detach() for f in features]
+                opts = dict(beta=cfg.jsd_beta, tau=tau, chunk=score_chunk_tokens(chunk, len(features)))
+                if t_head is None:  # cached: top-k buckets per layer (vlsi.sparse) instead of features
+                    t_features = [teacher_states[layer] for layer in teacher_layers]
+                    scores = sparse_score_matrix(s_features, s_head, t_features, cfg.divergence, **opts)
+                else:
+                    t_features = [
+                        teacher_read.features(layer, teacher_states[layer]) for layer in teacher_layers
+                    ]
+                    scores = score_matrix(s_features, s_head, t_features, t_head, cfg.divergence, **opts)
             match = match_layers(scores / n_tokens, self.matching, generator)
             il_op = cfg.il if cfg.il in ("ce", "l2") else cfg.divergence
             for i_s, i_l, weight in match.terms():
@@ -309,7 +325,11 @@ class InteractionLoss(nn.Module):
             s_final = self._read.features("final", final_states)
             if cfg.ll == "kld":
                 with torch.no_grad():
-                    t_final = teacher_read.features("final", teacher_states["final"])
+                    t_final = (
+                        teacher_states["final"]
+                        if t_head is None
+                        else teacher_read.features("final", teacher_states["final"])
+                    )
                 terms.append(Term(s_final, cfg.divergence, 1.0, t_final))
                 part_of.append("ll")
             elif cfg.ll == "ce":
@@ -380,9 +400,15 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
 
 def train_interaction(cfg: InteractConfig) -> dict:
     cfg.validate()
+    if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
+        raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
-    check_pair(cfg.teacher, cfg.student)
+    # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
+    # a cache is checked against the student's tokenizer and data below.
+    cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
+    if cache is None:
+        check_pair(cfg.teacher, cfg.student)
     processor = VLProcessor.from_pretrained(cfg.student)
 
     with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
@@ -399,14 +425,19 @@ def train_interaction(cfg: InteractConfig) -> dict:
     loss_module = InteractionLoss(student, verbalizers, cfg)
 
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
+        cache.check(processor, cfg.data, cfg.kd_temperature, Backbone(student).vocab_size)
+        cache.verify(dataset)
     world = accelerator.num_processes
     loss_module, optimizer, scheduler, stream, total = prepare_training(
         accelerator, cfg, loss_module, len(dataset)
     )
     # After the student: DeepSpeed builds the teacher's engine from the config the student's prepare completed.
-    teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
-    teacher_read = Reader(teacher, teacher_verbalizers)
-    teacher_layers = teacher_verbalizers.layers
+    if cache is None:
+        teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
+        teacher_read, teacher_layers = Reader(teacher, teacher_verbalizers), teacher_verbalizers.layers
+    else:
+        teacher_read, teacher_layers = None, cache.layers
     generator = torch.Generator().manual_seed(cfg.seed * 1000003 + accelerator.process_index)
 
     t_s, t_l = len(student_layers), len(teacher_layers)
@@ -434,14 +465,19 @@ def train_interaction(cfg: InteractConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start, run_tokens = time.perf_counter(), 0
     while step < total:
-        micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
+        fetch = next_batch if cache is None else cache.next_batch
+        micro = [fetch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
         n_resp = global_response_tokens(accelerator, micro)
         sums = torch.zeros(3)  # il, ll, ar, summed over the window
         matches, window_tokens = [], 0
         for i, batch in enumerate(micro):
+            cached = batch.pop("teacher", None)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                teacher_states = teacher_response_states(teacher, teacher_layers, batch)
+            if cached is not None:
+                teacher_states = {key: dist.to(accelerator.device) for key, dist in cached.items()}
+            else:
+                with accelerator.autocast():
+                    teacher_states = teacher_response_states(teacher, teacher_layers, batch)
             sync = grad_sync(accelerator, loss_module, i, len(micro))
             with sync, accelerator.autocast(), names_step(accelerator, step + 1, micro):
                 loss_sum, parts, match = loss_module(
