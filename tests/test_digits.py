@@ -161,7 +161,7 @@ def test_report_figures(tmp_path):
         for m, a in (("teacher", 0.8), ("vlsi", 0.5))
     }
     for path in (
-        plot_skills(results, {"vlsi": "VLsI student"}, tmp_path / "s.png"),
+        plot_skills(results, tmp_path / "s.png"),
         plot_curves(
             {"teacher": [{"step": 1, "accuracy": 0.2}, {"step": 2, "accuracy": 0.4}]}, tmp_path / "c.png"
         ),

@@ -282,7 +282,7 @@ def report(results: dict, root: Path) -> str:
     lines = ["# VLsI distillation report", "", "| model | accuracy |", "| --- | --- |"]
     lines += [f"| {MODELS[k]} (`{k}`) | {m['accuracy']:.3f} |" for k, m in results.items()]
     lines += ["", "## Per skill", "", results_table(results), ""]
-    plot_skills(results, MODELS, root / "skills.png")
+    plot_skills(results, root / "skills.png")
     lines += ["![accuracy per skill](skills.png)", ""]
     curves = {name: read_curve(root / f"{name}_sft" / "curve.jsonl") for name in ("teacher", "student")}
     if any(curves.values()):

@@ -15,17 +15,17 @@ def _pyplot():
     return plt
 
 
-def plot_skills(results: dict, labels: dict[str, str], path: str | Path) -> Path:
-    """Grouped bars: each model's test accuracy per skill, with each skill's chance level as a tick."""
+def plot_skills(results: dict, path: str | Path) -> Path:
+    """Grouped bars: each model's test accuracy per skill (keyed as in results.json), chance dotted."""
     plt = _pyplot()
     skills = sorted({s for m in results.values() for s in m.get("per_skill", {})})
     names = list(results)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(skills), 3.6))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(skills), 4.2))
     for i, name in enumerate(names):
         per = results[name].get("per_skill", {})
         xs = [k + i * width for k in range(len(skills))]
-        ax.bar(xs, [per.get(s, {}).get("accuracy", 0.0) for s in skills], width, label=labels.get(name, name))
+        ax.bar(xs, [per.get(s, {}).get("accuracy", 0.0) for s in skills], width, label=name)
     for k, skill in enumerate(skills):
         chance = next(
             m["per_skill"][skill]["chance"] for m in results.values() if skill in m.get("per_skill", {})
@@ -34,7 +34,7 @@ def plot_skills(results: dict, labels: dict[str, str], path: str | Path) -> Path
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(skills))], skills)
     ax.set_ylabel("test accuracy (dotted: chance)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
