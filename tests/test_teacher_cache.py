@@ -123,9 +123,9 @@ def test_at_k_64_the_matches_agree_on_nearly_every_draw(
     from vlsi.backbone import Backbone
     from vlsi.chunked import head_weight, score_matrix
     from vlsi.data import BatchStream, ChatDataset, Encoder
-    from vlsi.models import load_model
     from vlsi.interact import Reader, teacher_response_states
     from vlsi.matching import MatchingConfig, match_layers
+    from vlsi.models import load_model
     from vlsi.sparse import sparse_score_matrix
     from vlsi.verbalizer import Verbalizers, response_states
 
