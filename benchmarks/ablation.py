@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="",
-        help="comma-separated ablation rows to run (default: all); the others are left out of the tables",
+        help="';'-separated ablation rows to run (default: all; names hold commas); the others are left out",
     )
     parser.add_argument(
         "--share-bases",
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         variants = {**MATCHING, **OPERATIONS}
         if args.variants:
-            chosen = [v.strip() for v in args.variants.split(",")]
+            chosen = [v.strip() for v in args.variants.split(";")]
             if unknown := [v for v in chosen if v not in variants]:
                 raise SystemExit(f"unknown variants {unknown}; choose from {list(variants)}")
             variants = {v: variants[v] for v in chosen}
