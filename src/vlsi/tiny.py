@@ -153,13 +153,13 @@ def mrope_sections(half: int, spec: str = "") -> list[int]:
     return sections
 
 
-def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
-    head_dim = size.hidden_size // size.num_heads
-    if head_dim % 8:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of 8 for multimodal rotary sections")
-    mrope_section = mrope_sections(head_dim // 2, cfg.mrope_section)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(
+def special_ids(tokenizer: PreTrainedTokenizerFast, tokens: list[str]) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
+
+
+def text_config(size: LMSize, tokenizer: PreTrainedTokenizerFast, rope: dict, **extra) -> dict:
+    ids = special_ids(tokenizer, SPECIAL_TOKENS)
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=size.hidden_size,
         num_hidden_layers=size.num_layers,
@@ -167,15 +167,30 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
         num_key_value_heads=size.num_kv_heads,
         intermediate_size=size.intermediate_size,
         max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": cfg.rope_theta,
-            "mrope_section": mrope_section,
-        },
+        rope_parameters={"rope_type": "default", **rope},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
+        **extra,
     )
+
+
+def qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    ids = special_ids(tokenizer, SPECIAL_TOKENS)
+    return dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
+    head_dim = size.hidden_size // size.num_heads
+    if head_dim % 8:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 8 for multimodal rotary sections")
+    rope = {"rope_theta": cfg.rope_theta, "mrope_section": mrope_sections(head_dim // 2, cfg.mrope_section)}
     vision = dict(
         depth=cfg.vision_depth,
         embed_dim=cfg.vision_dim,
@@ -187,17 +202,14 @@ def build_config(cfg: TinyConfig, size: LMSize, tokenizer: PreTrainedTokenizerFa
         temporal_patch_size=2,
         rope_parameters={"rope_type": "axial", "rope_theta": cfg.vision_rope_theta},
     )
+    ids = special_ids(tokenizer, SPECIAL_TOKENS)
     return Qwen2VLConfig(
-        text_config=text,
+        text_config=text_config(size, tokenizer, rope),
         vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **qwen_token_ids(tokenizer),
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
     )
 
 

@@ -38,13 +38,15 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from vlsi.tiny import (
     CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
     LMSize,
     TinyConfig,
     build_config,
     build_image_processor,
     build_tokenizer,
     mrope_sections,
+    qwen_token_ids,
+    special_ids,
+    text_config,
 )
 
 # LLaVA-OneVision's own placeholders, added to the shared BPE (which stays identical across families).
@@ -54,39 +56,6 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(QWEN_IMAGE, "<image>")
 # LLaVA-OneVision's grid: 1 to 6 tiles per side, as the released checkpoints' 384 px .. 2304 px.
 ANYRES_SIDES = range(1, 7)
-
-
-def _ids(tokenizer: PreTrainedTokenizerFast, tokens: list[str]) -> dict[str, int]:
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in tokens}
-
-
-def _text(size: LMSize, tokenizer: PreTrainedTokenizerFast, rope: dict, **extra) -> dict:
-    ids = _ids(tokenizer, SPECIAL_TOKENS)
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden_size,
-        num_hidden_layers=size.num_layers,
-        num_attention_heads=size.num_heads,
-        num_key_value_heads=size.num_kv_heads,
-        intermediate_size=size.intermediate_size,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", **rope},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        **extra,
-    )
-
-
-def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
-    ids = _ids(tokenizer, SPECIAL_TOKENS)
-    return dict(
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
 
 
 def _qwen_vision(cfg: TinyConfig, size: LMSize) -> dict:
@@ -117,7 +86,9 @@ def qwen2_5_vl_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen2_5_VLCon
         _qwen_vision(cfg, size), window_size=4 * cfg.patch_size, fullatt_block_indexes=[cfg.vision_depth - 1]
     )
     return Qwen2_5_VLConfig(
-        text_config=_text(size, tokenizer, rope), vision_config=vision, **_qwen_ids(tokenizer)
+        text_config=text_config(size, tokenizer, rope),
+        vision_config=vision,
+        **qwen_token_ids(tokenizer),
     )
 
 
@@ -137,8 +108,8 @@ def qwen3_vl_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen3VLConfig:
         # Deepstack: the first blocks' features are also added after the first decoder layers.
         deepstack_visual_indexes=list(range(min(3, cfg.vision_depth))),
     )
-    text = _text(size, tokenizer, rope, head_dim=head_dim)
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tokenizer))
+    text = text_config(size, tokenizer, rope, head_dim=head_dim)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **qwen_token_ids(tokenizer))
 
 
 def anyres_pinpoints(tile: int) -> list[list[int]]:
@@ -146,7 +117,7 @@ def anyres_pinpoints(tile: int) -> list[list[int]]:
 
 
 def llava_onevision_config(cfg: TinyConfig, size: LMSize, tokenizer) -> LlavaOnevisionConfig:
-    ids = _ids(tokenizer, LLAVA_TOKENS)
+    ids = special_ids(tokenizer, LLAVA_TOKENS)
     vision = dict(
         model_type="siglip_vision_model",
         hidden_size=cfg.vision_dim,
@@ -159,7 +130,7 @@ def llava_onevision_config(cfg: TinyConfig, size: LMSize, tokenizer) -> LlavaOne
         vision_use_head=False,
     )
     return LlavaOnevisionConfig(
-        text_config=dict(model_type="qwen2", **_text(size, tokenizer, {"rope_theta": cfg.rope_theta})),
+        text_config=dict(model_type="qwen2", **text_config(size, tokenizer, {"rope_theta": cfg.rope_theta})),
         vision_config=vision,
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
