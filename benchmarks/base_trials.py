@@ -71,7 +71,7 @@ def main() -> None:
             mrope_section=a.mrope,
         )
     )
-    settings = TinySettings(batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr or a.lr / 100)
+    settings = TinySettings(task="grid", batch_size=a.batch_size, lr=a.lr, min_lr=a.min_lr or a.lr / 100)
     summary = train_sft(base_sft_config(settings, models[a.model], files["train"], root / "sft", a.steps))
     metrics = evaluate(EvalConfig(model=str(root / "sft"), data=str(files["test"]), out=str(root / "eval")))
     row = {

@@ -83,7 +83,7 @@ class DistillConfig:
 
 
 # The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
-# included, finishes in about 15 minutes on a 2-core CPU. Flags still override any of it.
+# included, took 26 min on a shared 2-core CPU (docs/tiny_setting.md). Flags still override any of it.
 TINY_PRESET: dict = {
     "out": "runs/distill",
     "controls": True,
