@@ -12,7 +12,7 @@ rows (152,064 vs 151,936), as in the paper's 72B -> 2B pair.
 
 Weights are random (no checkpoint is read): the models are built directly on the GPU from their configs. The
 step is the package's own: :func:`vlsi.interact.teacher_response_states` then
-:class:`vlsi.interact.InteractionLoss`, backward, clip, AdamW, on synthetic token batches (one image each
+:class:`vlsi.interact.InteractingStudent`, backward, clip, AdamW, on synthetic token batches (one image each
 unless --no-image) whose first --prompt tokens are masked out of the labels. After --warmup steps, --steps
 are timed; the JSON reports tokens/s, step time, peak CUDA memory, the card, and ``vlsi plan``'s estimate for
 the same setting.
@@ -163,7 +163,7 @@ def plan_estimate(names, t_layers, s_layers, settings) -> dict:
 
 def run(args) -> dict:
     from vlsi.backbone import Backbone, parse_layers
-    from vlsi.interact import InteractionLoss, Reader, teacher_response_states
+    from vlsi.interact import InteractingStudent, Reader, teacher_response_states
     from vlsi.lora import apply_lora
     from vlsi.losses import count_response_tokens
     from vlsi.optim import build_optimizer
@@ -209,7 +209,7 @@ def run(args) -> dict:
     if args.lora:
         student = apply_lora(student, args.lora_rank, args.lora_rank, args.seed)
     s_verbalizers = build_verbalizers(Backbone(student), s_layers)
-    loss_module = InteractionLoss(student, s_verbalizers, settings).train()
+    loss_module = InteractingStudent(student, s_verbalizers, settings).train()
     trainable = sum(p.numel() for p in loss_module.parameters() if p.requires_grad)
     optimizer, _ = build_optimizer(loss_module.parameters(), 1e-4, 1e-6, 0.0, args.warmup + args.steps, 0)
     if cuda:

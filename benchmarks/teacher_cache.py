@@ -60,10 +60,10 @@ def _build(lm, layers, seed: int, device: str):
 
 
 def _interaction(student, verbalizers, chunk: int):
-    from vlsi.interact import InteractConfig, InteractionLoss
+    from vlsi.interact import InteractConfig, InteractingStudent
 
     cfg = InteractConfig(student="", student_verbalizers="", data="", out="", loss_chunk_tokens=chunk)
-    return InteractionLoss(student.model, verbalizers, cfg)
+    return InteractingStudent(student.model, verbalizers, cfg)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ tokens (after a short prompt) it times one optimizer step of
 
 - ``sft``: the student's step 3, the model's own logits and response cross-entropy (:mod:`vlsi.sft`);
 - ``interact``: step 2, the teacher forward without grad, the student with its verbalizers, matching and
-  the losses of :class:`vlsi.interact.InteractionLoss` (``reference`` and ``chunked``);
+  the losses of :class:`vlsi.interact.InteractingStudent` (``reference`` and ``chunked``);
 - ``verbalize``: step 1, the frozen student's states and :class:`vlsi.verbalize.VerbalizedLoss`;
 
 each also ``off``: the same step with the verbalized losses replaced by a head-free loss on the same
@@ -300,7 +300,7 @@ class Steps:
     def prepare(self, kind: str, impl: str, optimizer=None):
         """(step function, optimizer) for one configuration; step(batch) runs forward, backward, update.
         ``optimizer``: one to reuse (its state kept), else a new one."""
-        from vlsi.interact import InteractConfig, InteractionLoss, teacher_response_states
+        from vlsi.interact import InteractConfig, InteractingStudent, teacher_response_states
         from vlsi.losses import response_cross_entropy
         from vlsi.verbalize import VerbalizedLoss
         from vlsi.verbalizer import response_states
@@ -339,7 +339,7 @@ class Steps:
                 teacher="", teacher_verbalizers="", student="", student_verbalizers="", data="", out="",
                 loss_impl="reference" if impl == "reference" else "chunked", loss_chunk_tokens=self.chunk,
             )  # fmt: skip
-            loss_module = InteractionLoss(model, self.verbalizers, cfg)
+            loss_module = InteractingStudent(model, self.verbalizers, cfg)
             optimizer = optimizer or self._optimizer(loss_module)
             generator = torch.Generator().manual_seed(0)
             t_layers = self.teacher_read.verbalizers.layers

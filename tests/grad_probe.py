@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
-STEP_MODULES = ("vlsi.sft", "vlsi.interact", "vlsi.verbalize")
+# Where the training loop of every step (vlsi.training) looks up the optimizer step.
+STEP_MODULES = ("vlsi.training",)
 
 
 @contextmanager

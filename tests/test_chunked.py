@@ -185,7 +185,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS)
 def test_interaction_loss_chunked_equals_reference(tiny_step, options):
-    from vlsi.interact import InteractConfig, InteractionLoss
+    from vlsi.interact import InteractConfig, InteractingStudent
 
     results = {}
     for impl, chunk in (("reference", 1), ("chunked", 5), ("chunked", 1000)):
@@ -195,7 +195,7 @@ def test_interaction_loss_chunked_equals_reference(tiny_step, options):
             loss_impl=impl, loss_chunk_tokens=chunk, **options,
         )  # fmt: skip
         cfg.validate()
-        module = InteractionLoss(student.model, verbalizers, cfg)
+        module = InteractingStudent(student.model, verbalizers, cfg)
         loss, parts, match = module(
             tiny_step["batch"],
             tiny_step["teacher_states"],

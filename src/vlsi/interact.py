@@ -10,7 +10,7 @@ Per micro-batch (docs/method.md, "Algorithm 1"):
 4. Only the chosen pairs are recomputed with the graph (intermediate op ``--il``), plus the last-layer op
    ``--ll`` between the teacher's and the student's own output logits, plus ``--ar-weight`` x the student's
    next-token cross-entropy. The sum is divided by the response tokens of the whole accumulation window
-   across processes, as in :mod:`vlsi.sft`.
+   across processes, as in every step (:mod:`vlsi.training`).
 
 The student backbone (or only its LoRA adapters) and its verbalizers are trained by one optimizer. Every
 match is recorded: ``match_log.jsonl`` (main process, one line per step) and ``matches.json`` plus heat maps
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vlsi.backbone import Backbone
-from vlsi.checkpointing import CheckpointManager
 from vlsi.chunked import (
     DEFAULT_CHUNK_TOKENS,
     LABELS,
@@ -47,31 +45,17 @@ from vlsi.chunked import (
 )
 from vlsi.data import ChatDataset, Encoder
 from vlsi.divergences import divergence, shared_vocab
-from vlsi.engines import prepare_frozen, whole_load, whole_weights
+from vlsi.engines import prepare_frozen, whole_load
 from vlsi.export import export_checkpoint
 from vlsi.lora import apply_lora
 from vlsi.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.models import load_model
 from vlsi.processing import VLProcessor, check_pair
-from vlsi.runtime import (
-    TrainingArgs,
-    append_jsonl,
-    global_response_tokens,
-    global_token_mean,
-    grad_sync,
-    history_tail,
-    make_accelerator,
-    mixed_precision,
-    names_step,
-    next_batch,
-    optimizer_step,
-    prepare_training,
-    progress_bar,
-    run_fingerprint,
-)
+from vlsi.runtime import TrainingArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.sft import enable_gradient_checkpointing
 from vlsi.sparse import sparse_score_matrix
 from vlsi.teacher_cache import TeacherCache
+from vlsi.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 from vlsi.verbalizer import Verbalizers, base_model_info, response_states
 
 log = logging.getLogger("vlsi.interact")
@@ -202,11 +186,38 @@ class Reader:
         return self.verbalizers.logits(layer, states)
 
 
-class InteractionLoss(nn.Module):
-    """The student and its verbalizers, whose forward is one micro-batch's summed loss.
+# The logged parts of the loss: matched intermediate layers, last layer, the student's own next-token CE.
+PARTS = ("il", "ll", "ar")
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One trained term, ``weight x op(student, teacher)``, before it is evaluated.
+
+    ``student`` and ``teacher`` name what is read: a target layer through its verbalizer or "final", the
+    model's own output. ``op`` is a divergence against the teacher, or :data:`LABELS` (cross-entropy to the
+    response tokens, no teacher). ``part`` is the logged part it adds to.
+    """
+
+    part: str
+    student: int | str
+    op: str
+    weight: float = 1.0
+    teacher: int | str | None = None
+
+
+def _add_part(parts: dict, term: LossTerm, value: torch.Tensor) -> None:
+    # Logged as the reference always has: il weighted by the match, ar before --ar-weight.
+    parts[term.part] = parts[term.part] + (term.weight * value if term.part == "il" else value)
+
+
+class InteractingStudent(nn.Module):
+    """The trained student with its verbalizers; its forward is one micro-batch's summed step-2 loss.
 
     One module so that DDP sees every trained parameter's forward; the teacher is an argument, not a
-    submodule, so it is neither wrapped, saved in checkpoints nor handed to the optimizer.
+    submodule, so it is neither wrapped, saved in checkpoints nor handed to the optimizer. The loss terms
+    are listed once (:meth:`terms`) and evaluated either on whole ``[N, V]`` logits, the reference
+    (:class:`_ReferenceLosses`), or a chunk of tokens at a time (:class:`_ChunkedLosses`, :mod:`vlsi.chunked`).
     """
 
     def __init__(self, student: nn.Module, verbalizers: Verbalizers, cfg: InteractConfig):
@@ -215,136 +226,176 @@ class InteractionLoss(nn.Module):
         self.verbalizers = verbalizers
         self.cfg = cfg
         self.matching = cfg.matching()
-        self.score_fn = divergence(cfg.divergence, cfg.jsd_beta)
-        # ce and l2 compare with the matched teacher layer too, so the matching matters for every op.
-        self.il_fn = divergence(cfg.il) if cfg.il in ("ce", "l2") else self.score_fn
-        backbone = Backbone(student)
-        self._read = Reader(backbone, verbalizers)
-        self._last = backbone.num_layers - 1
-        # A plain attribute: Backbone only holds references to modules registered above.
-        self.backbone = backbone
+        # Plain attributes: they only hold references to modules registered above.
+        self.backbone = Backbone(student)
+        self.read = Reader(self.backbone, verbalizers)
         self._warned = False
 
     def forward(
         self,
         batch: dict,
         teacher_states: dict[int | str, torch.Tensor],
-        teacher_read: Reader,
+        teacher_read: Reader | None,
         teacher_layers: list[int],
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Match | None]:
-        """Summed loss (caller normalises), its detached parts, and the match (None when --il none)."""
-        layers = self.verbalizers.layers
-        hidden = self.backbone.layer_states(sorted({*layers, self._last}), batch)
+        """Summed loss (caller normalises), its detached parts, and the match (None when --il none).
+
+        ``teacher_read`` None: a cached teacher (:mod:`vlsi.teacher_cache`), whose states are top-k
+        distributions, evaluated chunked.
+        """
+        layers, last = self.verbalizers.layers, self.backbone.num_layers - 1
+        hidden = self.backbone.layer_states(sorted({*layers, last}), batch)
         states = {layer: response_states(hidden[layer], batch["labels"])[0] for layer in layers}
-        final_states, target = response_states(hidden[self._last], batch["labels"])
-        losses = self._reference_losses
-        if teacher_read is None:  # a cached teacher (vlsi.teacher_cache): sparse states, chunked losses only
-            head_weight(self.backbone.lm_head)  # refuses a head the chunked losses cannot use
-            losses = self._chunked_losses
-        elif self.cfg.loss_impl == "chunked":
+        states["final"], target = response_states(hidden[last], batch["labels"])
+        impl = self._impl(teacher_read)(self, states, target, teacher_read, teacher_states)
+        match = None
+        if self.cfg.il != "none":
+            scores = impl.scores(layers, teacher_layers) / max(1, target.numel())
+            match = match_layers(scores, self.matching, generator)
+        loss, parts = impl.evaluate(self.terms(match, teacher_layers))
+        return loss, parts, match
+
+    def terms(self, match: Match | None, teacher_layers: list[int]) -> list[LossTerm]:
+        """The trained terms: each matched pair (``--il``), the last layer (``--ll``), the student's own
+        next-token cross-entropy (``--ar-weight``)."""
+        cfg, terms = self.cfg, []
+        if match is not None:
+            # ce and l2 compare with the matched teacher layer too, so the matching matters for every op.
+            op = cfg.il if cfg.il in ("ce", "l2") else cfg.divergence
+            for i_s, i_l, weight in match.terms():
+                terms.append(LossTerm("il", self.verbalizers.layers[i_s], op, weight, teacher_layers[i_l]))
+        if cfg.ll == "kld":
+            terms.append(LossTerm("ll", "final", cfg.divergence, teacher="final"))
+        elif cfg.ll == "ce":
+            terms.append(LossTerm("ll", "final", LABELS))
+        if cfg.ar_weight:
+            terms.append(LossTerm("ar", "final", LABELS, cfg.ar_weight))
+        return terms
+
+    def _impl(self, teacher_read: Reader | None) -> type:
+        """How the terms are evaluated: chunked when asked for and both heads allow it (a cached teacher:
+        always), else the reference."""
+        if teacher_read is None:
+            return _ChunkedLosses
+        if self.cfg.loss_impl == "chunked":
             reason = chunked_unsupported(self.backbone.lm_head) or chunked_unsupported(teacher_read.head)
             if reason is None:
-                losses = self._chunked_losses
-            elif not self._warned:
+                return _ChunkedLosses
+            if not self._warned:
                 log.warning("--loss-impl chunked: %s; using the reference losses", reason)
                 self._warned = True
-        return losses(states, final_states, target, teacher_states, teacher_read, teacher_layers, generator)
+        return _ReferenceLosses
 
-    def _reference_losses(
-        self, states, final_states, target, teacher_states, teacher_read, teacher_layers, generator
-    ):
-        """The straightforward losses on whole [N, V] logits: every student layer's logits and graphs at once."""
-        cfg, tau = self.cfg, self.cfg.kd_temperature
-        layers = self.verbalizers.layers
-        zero = final_states.new_zeros((), dtype=torch.float32)
-        parts = {"il": zero, "ll": zero, "ar": zero}
-        n_tokens = max(1, target.numel())
-        match = None
 
-        if cfg.il != "none":
-            student_logits = [self._read(layer, states[layer]) for layer in layers]
-            with torch.no_grad():
-                kl = zero.new_zeros(len(layers), len(teacher_layers))  # one device sync, in match_layers
-                for j, t_layer in enumerate(teacher_layers):
-                    t_logits = teacher_read(t_layer, teacher_states[t_layer])
-                    for i, s_logits in enumerate(student_logits):
-                        kl[i, j] = self.score_fn(*shared_vocab(t_logits, s_logits.detach()), tau) / n_tokens
-            match = match_layers(kl, self.matching, generator)
-            for i_s, i_l, weight in match.terms():
-                with torch.no_grad():
-                    t_logits = teacher_read(teacher_layers[i_l], teacher_states[teacher_layers[i_l]])
-                term = self.il_fn(*shared_vocab(t_logits, student_logits[i_s]), tau)
-                parts["il"] = parts["il"] + weight * term
+class _ReferenceLosses:
+    """The reference: every term on whole ``[N, V]`` logits (:mod:`vlsi.divergences`). Each student layer's
+    logits are computed once, with their graph, and kept; the teacher's are computed where used."""
 
-        if cfg.ll != "none" or cfg.ar_weight:
-            s_final = self._read("final", final_states)
-            if cfg.ll == "kld":
-                with torch.no_grad():
-                    t_final = teacher_read("final", teacher_states["final"])
-                parts["ll"] = self.score_fn(*shared_vocab(t_final, s_final), tau)
-            elif cfg.ll == "ce":
-                parts["ll"] = F.cross_entropy(s_final.float(), target, reduction="sum")
-            if cfg.ar_weight:
-                parts["ar"] = F.cross_entropy(s_final.float(), target, reduction="sum")
+    def __init__(self, model: InteractingStudent, states, target, teacher_read: Reader, teacher_states):
+        self.cfg, self.read, self.states, self.target = model.cfg, model.read, states, target
+        self.teacher_read, self.teacher_states = teacher_read, teacher_states
+        self.zero = states["final"].new_zeros((), dtype=torch.float32)
+        self.score_fn = divergence(self.cfg.divergence, self.cfg.jsd_beta)
+        self._logits: dict[int | str, torch.Tensor] = {}
+
+    def student(self, key: int | str) -> torch.Tensor:
+        if key not in self._logits:
+            self._logits[key] = self.read(key, self.states[key])
+        return self._logits[key]
+
+    @torch.no_grad()
+    def teacher(self, key: int | str) -> torch.Tensor:
+        return self.teacher_read(key, self.teacher_states[key])
+
+    def scores(self, layers: list[int], teacher_layers: list[int]) -> torch.Tensor:
+        """``[t_s, t_l]`` summed divergence of every student layer from every teacher layer, no graph."""
+        student = [self.student(layer) for layer in layers]
+        tau = self.cfg.kd_temperature
+        with torch.no_grad():
+            scores = self.zero.new_zeros(len(layers), len(teacher_layers))  # one device sync, in match_layers
+            for j, t_layer in enumerate(teacher_layers):
+                t_logits = self.teacher(t_layer)
+                for i, s_logits in enumerate(student):
+                    scores[i, j] = self.score_fn(*shared_vocab(t_logits, s_logits.detach()), tau)
+        return scores
+
+    def evaluate(self, terms: list[LossTerm]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        parts = dict.fromkeys(PARTS, self.zero)
+        for term in terms:
+            s_logits = self.student(term.student)
+            if term.op == LABELS:
+                value = F.cross_entropy(s_logits.float(), self.target, reduction="sum")
+            else:
+                t_logits = self.teacher(term.teacher)
+                value = divergence(term.op, cfg.jsd_beta)(
+                    *shared_vocab(t_logits, s_logits), cfg.kd_temperature
+                )
+            _add_part(parts, term, value)
         loss = parts["il"] + parts["ll"] + cfg.ar_weight * parts["ar"]
-        return loss, {k: v.detach() for k, v in parts.items()}, match
+        return loss, {k: v.detach() for k, v in parts.items()}
 
-    def _chunked_losses(
-        self, states, final_states, target, teacher_states, teacher_read, teacher_layers, generator
+
+class _ChunkedLosses:
+    """The same terms through :mod:`vlsi.chunked`: only ``[chunk, V]`` logits ever exist, the scores carry
+    no graph. The student's features (``[N, D]``) are computed once each with their graph, the teacher's
+    once each without; a cached teacher's states are its top-k distributions already."""
+
+    def __init__(
+        self, model: InteractingStudent, states, target, teacher_read: Reader | None, teacher_states
     ):
-        """The same losses through :mod:`vlsi.chunked`: only [chunk, V] logits ever exist, scores carry no graph."""
-        cfg, tau, chunk = self.cfg, self.cfg.kd_temperature, self.cfg.loss_chunk_tokens
-        s_head = head_weight(self.backbone.lm_head)
-        t_head = None if teacher_read is None else head_weight(teacher_read.head)
-        n_tokens = max(1, target.numel())
-        terms: list[Term] = []
-        part_of: list[str] = []  # which logged part each term adds to
-        match = None
+        self.cfg, self.read, self.states, self.target = model.cfg, model.read, states, target
+        self.teacher_read, self.teacher_states = teacher_read, teacher_states
+        self.s_head = head_weight(model.backbone.lm_head)  # refuses a head the chunked losses cannot use
+        self.t_head = None if teacher_read is None else head_weight(teacher_read.head)
+        self._features: dict[int | str, torch.Tensor] = {}
+        self._teacher: dict[int | str, torch.Tensor] = {}
 
-        if cfg.il != "none":
-            features = [self._read.features(layer, states[layer]) for layer in self.verbalizers.layers]
-            with torch.no_grad():
-                s_features = [f.detach() for f in features]
-                opts = dict(beta=cfg.jsd_beta, tau=tau, chunk=score_chunk_tokens(chunk, len(features)))
-                if t_head is None:  # cached: top-k buckets per layer (vlsi.sparse) instead of features
-                    t_features = [teacher_states[layer] for layer in teacher_layers]
-                    scores = sparse_score_matrix(s_features, s_head, t_features, cfg.divergence, **opts)
-                else:
-                    t_features = [
-                        teacher_read.features(layer, teacher_states[layer]) for layer in teacher_layers
-                    ]
-                    scores = score_matrix(s_features, s_head, t_features, t_head, cfg.divergence, **opts)
-            match = match_layers(scores / n_tokens, self.matching, generator)
-            il_op = cfg.il if cfg.il in ("ce", "l2") else cfg.divergence
-            for i_s, i_l, weight in match.terms():
-                terms.append(Term(features[i_s], il_op, weight, t_features[i_l]))
-                part_of.append("il")
+    def student(self, key: int | str) -> torch.Tensor:
+        if key not in self._features:
+            self._features[key] = self.read.features(key, self.states[key])
+        return self._features[key]
 
-        if cfg.ll != "none" or cfg.ar_weight:
-            s_final = self._read.features("final", final_states)
-            if cfg.ll == "kld":
-                with torch.no_grad():
-                    t_final = (
-                        teacher_states["final"]
-                        if t_head is None
-                        else teacher_read.features("final", teacher_states["final"])
-                    )
-                terms.append(Term(s_final, cfg.divergence, 1.0, t_final))
-                part_of.append("ll")
-            elif cfg.ll == "ce":
-                terms.append(Term(s_final, LABELS, 1.0, target=target))
-                part_of.append("ll")
-            if cfg.ar_weight:
-                terms.append(Term(s_final, LABELS, cfg.ar_weight, target=target))
-                part_of.append("ar")
+    @torch.no_grad()
+    def teacher(self, key: int | str):
+        if key not in self._teacher:
+            state = self.teacher_states[key]
+            self._teacher[key] = state if self.t_head is None else self.teacher_read.features(key, state)
+        return self._teacher[key]
 
-        loss, values = head_losses(terms, s_head, t_head, tau=tau, beta=cfg.jsd_beta, chunk=chunk)
-        # Logged parts as the reference reports them: il weighted by the match, ar before --ar-weight.
-        parts = dict.fromkeys(("il", "ll", "ar"), values.new_zeros(()))
-        for term, part, value in zip(terms, part_of, values, strict=True):
-            parts[part] = parts[part] + (term.weight * value if part == "il" else value)
-        return loss, parts, match
+    def scores(self, layers: list[int], teacher_layers: list[int]) -> torch.Tensor:
+        cfg = self.cfg
+        features = [self.student(layer) for layer in layers]
+        with torch.no_grad():
+            s_features = [f.detach() for f in features]
+            t_features = [self.teacher(layer) for layer in teacher_layers]
+            chunk = score_chunk_tokens(cfg.loss_chunk_tokens, len(features))
+            opts = dict(beta=cfg.jsd_beta, tau=cfg.kd_temperature, chunk=chunk)
+            if self.t_head is None:  # cached: top-k buckets per layer (vlsi.sparse) instead of features
+                return sparse_score_matrix(s_features, self.s_head, t_features, cfg.divergence, **opts)
+            return score_matrix(s_features, self.s_head, t_features, self.t_head, cfg.divergence, **opts)
+
+    def evaluate(self, terms: list[LossTerm]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        chunked = [
+            Term(self.student(t.student), t.op, t.weight, target=self.target)
+            if t.op == LABELS
+            else Term(self.student(t.student), t.op, t.weight, self.teacher(t.teacher))
+            for t in terms
+        ]
+        loss, values = head_losses(
+            chunked,
+            self.s_head,
+            self.t_head,
+            tau=cfg.kd_temperature,
+            beta=cfg.jsd_beta,
+            chunk=cfg.loss_chunk_tokens,
+        )
+        parts = dict.fromkeys(PARTS, values.new_zeros(()))
+        for term, value in zip(terms, values, strict=True):
+            _add_part(parts, term, value)
+        return loss, parts
 
 
 @torch.no_grad()
@@ -398,19 +449,8 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
     return backbone, verbalizers.to(accelerator.device)
 
 
-def train_interaction(cfg: InteractConfig) -> dict:
-    cfg.validate()
-    if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
-        raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg.precision, cfg.seed)
-    # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
-    # a cache is checked against the student's tokenizer and data below.
-    cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
-    if cache is None:
-        check_pair(cfg.teacher, cfg.student)
-    processor = VLProcessor.from_pretrained(cfg.student)
-
+def _interacting_student(cfg: InteractConfig, accelerator) -> InteractingStudent:
+    """The student to train (fp32; LoRA adapters if asked) with the verbalizers it starts from."""
     with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
         student = load_model(cfg.student, dtype=torch.float32)
     if cfg.lora:
@@ -421,151 +461,149 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if cfg.il == "none":
         # Unused parameters would stall DDP's gradient reduction.
         verbalizers.requires_grad_(False)
-    student_layers = verbalizers.layers
-    loss_module = InteractionLoss(student, verbalizers, cfg)
+    return InteractingStudent(student, verbalizers, cfg)
 
+
+class MatchRecord:
+    """Every match of a run: the seeded generator that samples them (one per process), one line per step in
+    ``match_log.jsonl`` (main process), and how often each student layer took each teacher layer in the
+    first and the last ``WINDOW_FRACTION`` of the steps (``matches.json`` and heat maps)."""
+
+    def __init__(self, accelerator, cfg: InteractConfig, student_layers, teacher_layers, total: int):
+        self.accelerator = accelerator
+        self.student_layers, self.teacher_layers, self.total = student_layers, teacher_layers, total
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000003 + accelerator.process_index)
+        self.window = max(1, math.ceil(WINDOW_FRACTION * total))
+        shape = (len(student_layers), len(teacher_layers))
+        self.counts = {key: torch.zeros(shape, dtype=torch.int64) for key in ("first", "last")}
+        self.file = Path(cfg.out) / "match_log.jsonl"
+        self.step_matches: list[Match] = []  # this step's, one per micro-batch
+
+    def add(self, match: Match | None) -> None:
+        if match is not None:  # None: --il none, nothing matched
+            self.step_matches.append(match)
+
+    def step_done(self, step: int) -> None:
+        shape = (len(self.student_layers), len(self.teacher_layers))
+        if step <= self.window:
+            self.counts["first"] += match_counts(self.step_matches, *shape)
+        if step > self.total - self.window:
+            self.counts["last"] += match_counts(self.step_matches, *shape)
+        if self.accelerator.is_main_process and self.step_matches:
+            row = {"step": step, "teacher_index": [m.teacher_index for m in self.step_matches]}
+            append_jsonl(self.file, row)
+        self.step_matches = []
+
+    def state(self) -> dict:
+        """For a checkpoint; called on every process, since each samples its own matches and all of them
+        are needed for an exact resume."""
+        mine = {"generator": self.generator.get_state().tolist()}
+        mine |= {key: counts.tolist() for key, counts in self.counts.items()}
+        return {"per_process": gather_object([mine])}
+
+    def load(self, state: dict) -> None:
+        mine = state["per_process"][self.accelerator.process_index]
+        self.generator.set_state(torch.tensor(mine["generator"], dtype=torch.uint8))
+        self.counts = {key: torch.tensor(mine[key], dtype=torch.int64) for key in self.counts}
+
+    def totals(self) -> dict[str, list]:
+        """The counts summed over processes (a collective)."""
+        device = self.accelerator.device
+        return {
+            k: self.accelerator.reduce(v.to(device), "sum").cpu().tolist() for k, v in self.counts.items()
+        }
+
+    def write(self, out: Path, totals: dict, steps: int, micro_batches_per_step: int) -> None:
+        """``matches.json`` and the two heat maps."""
+        matches = {
+            "teacher_layers": self.teacher_layers,
+            "student_layers": self.student_layers,
+            **totals,
+            "steps": steps,
+            "window_steps": self.window,
+            "micro_batches_per_step": micro_batches_per_step,
+        }
+        (out / "matches.json").write_text(json.dumps(matches, indent=2))
+        for key in ("first", "last"):
+            title = f"{key} {self.window} of {self.total} steps"
+            path = out / f"matches_{key}.png"
+            plot_matches(totals[key], self.teacher_layers, self.student_layers, title, path)
+
+
+def _mean_parts(recent: list[dict]) -> dict:
+    return {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
+
+
+def train_interaction(cfg: InteractConfig) -> dict:
+    cfg.validate()
+    if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
+        raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
+    accelerator = make_accelerator(cfg.precision, cfg.seed)
+    # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
+    # a cache is checked against the student's tokenizer and data below.
+    cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
+    if cache is None:
+        check_pair(cfg.teacher, cfg.student)
+    processor = VLProcessor.from_pretrained(cfg.student)
+    student = _interacting_student(cfg, accelerator)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
-        cache.check(processor, cfg.data, cfg.kd_temperature, Backbone(student).vocab_size)
+        cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
-    world = accelerator.num_processes
-    loss_module, optimizer, scheduler, stream, total = prepare_training(
-        accelerator, cfg, loss_module, len(dataset)
-    )
+    run = prepare_run(accelerator, cfg, student, dataset)
     # After the student: DeepSpeed builds the teacher's engine from the config the student's prepare completed.
     if cache is None:
         teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
         teacher_read, teacher_layers = Reader(teacher, teacher_verbalizers), teacher_verbalizers.layers
     else:
         teacher_read, teacher_layers = None, cache.layers
-    generator = torch.Generator().manual_seed(cfg.seed * 1000003 + accelerator.process_index)
+    student_layers = student.verbalizers.layers
+    matches = MatchRecord(accelerator, cfg, student_layers, teacher_layers, run.total)
+    state = resume(run, logs=[matches.file], teacher_layers=teacher_layers, student_layers=student_layers)
+    if state is not None:
+        matches.load(state)
 
-    t_s, t_l = len(student_layers), len(teacher_layers)
-    counts = {
-        "first": torch.zeros(t_s, t_l, dtype=torch.int64),
-        "last": torch.zeros(t_s, t_l, dtype=torch.int64),
-    }
-    window = max(1, math.ceil(WINDOW_FRACTION * total))
-
-    fp = run_fingerprint(cfg, world, teacher_layers=teacher_layers, student_layers=student_layers)
-    ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step, tokens_seen, history = 0, 0, []
-    log_file, match_file = out / "train_log.jsonl", out / "match_log.jsonl"
-    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file, match_file])) is not None:
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        stream.load(state["data"])
-        mine = state["per_process"][accelerator.process_index]
-        generator.set_state(torch.tensor(mine["generator"], dtype=torch.uint8))
-        counts = {k: torch.tensor(mine[k], dtype=torch.int64) for k in counts}
-        history = state.get("history", [])
-        log.info("resumed at step %d", step)
-
-    loss_module.train()
-    bar = progress_bar(accelerator, total, step, "interact")
-    out.mkdir(parents=True, exist_ok=True)
-    start, run_tokens = time.perf_counter(), 0
-    while step < total:
-        fetch = next_batch if cache is None else cache.next_batch
-        micro = [fetch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
-        n_resp = global_response_tokens(accelerator, micro)
-        sums = torch.zeros(3)  # il, ll, ar, summed over the window
-        matches, window_tokens = [], 0
-        for i, batch in enumerate(micro):
-            cached = batch.pop("teacher", None)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            if cached is not None:
-                teacher_states = {key: dist.to(accelerator.device) for key, dist in cached.items()}
-            else:
-                with accelerator.autocast():
-                    teacher_states = teacher_response_states(teacher, teacher_layers, batch)
-            sync = grad_sync(accelerator, loss_module, i, len(micro))
-            with sync, accelerator.autocast(), names_step(accelerator, step + 1, micro):
-                loss_sum, parts, match = loss_module(
-                    batch, teacher_states, teacher_read, teacher_layers, generator
-                )
-                # DDP averages gradients over processes; scaling by world makes it a global token mean.
-                loss = loss_sum * world / n_resp
-            accelerator.backward(loss)
-            sums += torch.tensor([parts["il"].item(), parts["ll"].item(), parts["ar"].item()])
-            window_tokens += int(batch["attention_mask"].sum())
-            if match is not None:
-                matches.append(match)
-        optimizer_step(
-            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, sums, micro
+    def micro_loss(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = batch.pop("teacher", None)  # a cached teacher's distributions
+        if cached is not None:
+            teacher_states = {key: dist.to(accelerator.device) for key, dist in cached.items()}
+        else:
+            teacher_states = teacher_response_states(teacher, teacher_layers, batch)
+        loss_sum, parts, match = run.module(
+            batch, teacher_states, teacher_read, teacher_layers, matches.generator
         )
-        step += 1
-        tokens_seen += window_tokens
-        run_tokens += window_tokens
+        matches.add(match)
+        return loss_sum, torch.tensor([parts["il"].item(), parts["ll"].item(), parts["ar"].item()])
 
-        if step <= window:
-            counts["first"] += match_counts(matches, t_s, t_l)
-        if step > total - window:
-            counts["last"] += match_counts(matches, t_s, t_l)
-        il, ll, ar = global_token_mean(accelerator, sums, n_resp)
-        history.append({"loss": il + ll + cfg.ar_weight * ar, "il": il, "ll": ll, "ar": ar})
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{history[-1]['loss']:.3f}",
-            il=f"{il:.3f}",
-            ll=f"{ll:.3f}",
-            tok_s=f"{run_tokens / (time.perf_counter() - start):.0f}",
-        )
-        if accelerator.is_main_process:
-            if matches:
-                row = {"step": step, "teacher_index": [m.teacher_index for m in matches]}
-                append_jsonl(match_file, row)
-            if step % cfg.log_every == 0 or step == total:
-                recent = history[-cfg.log_every :]
-                row = {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
-                row = {"step": step, **row, "lr": scheduler.get_last_lr()[0]}
-                append_jsonl(log_file, row)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            mine = {"generator": generator.get_state().tolist(), **{k: v.tolist() for k, v in counts.items()}}
-            state = {
-                "fingerprint": fp,
-                "tokens_seen": tokens_seen,
-                "data": stream.state(),
-                "history": history_tail(history, cfg),
-                # Each process samples its own matches; all of them are needed for an exact resume.
-                "per_process": gather_object([mine]),
-            }
-            ckpts.save(accelerator, step, state)
-    bar.close()
+    def entry(means: list[float]) -> dict:
+        il, ll, ar = means
+        return {"loss": il + ll + cfg.ar_weight * ar, "il": il, "ll": ll, "ar": ar}
 
-    totals = {
-        k: accelerator.reduce(v.to(accelerator.device), "sum").cpu().tolist() for k, v in counts.items()
-    }
-    recent = history[-10:]
-    summary = {
-        "steps": step,
-        "final_loss": sum(h["loss"] for h in recent) / len(recent) if recent else None,
-        "final_loss_parts": {k: sum(h[k] for h in recent) / len(recent) for k in ("il", "ll", "ar")}
-        if recent
-        else None,
-        "tokens_seen": tokens_seen,
-        "seconds": round(time.perf_counter() - start, 1),
-        "records": len(dataset),
-        **dataset.skips.summary(),
-    }
-    accelerator.wait_for_everyone()
-    # Entered on every process: under FSDP2 / ZeRO-3 gathering the shards is a collective.
-    with whole_weights(accelerator, loss_module):
+    train(
+        run,
+        "interact",
+        micro_loss,
+        entry=entry,
+        row=_mean_parts,
+        pad_id=processor.pad_token_id,
+        fetch=next_batch if cache is None else cache.next_batch,
+        after_step=matches.step_done,
+        saved=matches.state,
+    )
+
+    totals = matches.totals()
+    final = _mean_parts(final_steps(run)) if run.history else None
+    result = summary(
+        run,
+        len(dataset),
+        final_loss=final["loss"] if final else None,
+        final_loss_parts={k: final[k] for k in PARTS} if final else None,
+        tokens_seen=run.tokens_seen,
+    )
+    with whole_trained(run) as trained:
         if accelerator.is_main_process:
-            trained = accelerator.unwrap_model(loss_module)
-            trained.verbalizers.save(out / "verbalizers", base_model_info(trained.backbone))
-            matches_json = {
-                "teacher_layers": teacher_layers,
-                "student_layers": student_layers,
-                **totals,
-                "steps": step,
-                "window_steps": window,
-                "micro_batches_per_step": cfg.grad_accum * world,
-            }
-            (out / "matches.json").write_text(json.dumps(matches_json, indent=2))
-            for key in ("first", "last"):
-                title = f"{key} {window} of {total} steps"
-                plot_matches(totals[key], teacher_layers, student_layers, title, out / f"matches_{key}.png")
-            export_checkpoint(trained.student, processor, out, extra={"interact": summary})
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return summary
+            trained.verbalizers.save(run.out / "verbalizers", base_model_info(trained.backbone))
+            matches.write(run.out, totals, run.step, cfg.grad_accum * accelerator.num_processes)
+            export_checkpoint(trained.student, processor, run.out, extra={"interact": result})
+            write_summary(run.out, result)
+    return result

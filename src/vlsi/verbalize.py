@@ -4,7 +4,7 @@ Training: the backbone is frozen (no gradient, eval mode, forward under ``no_gra
 verbalizer learns the ordinary next-token cross-entropy on response tokens from that layer's hidden state.
 [paper] Because the hidden states carry no graph, the loss of layer l reaches only verbalizer l; the summed loss
 is just a way to train them all in one pass. Each layer's loss is normalised by the response tokens of the whole
-accumulation window across processes, as in :mod:`vlsi.sft`.
+accumulation window across processes, as in every step (:mod:`vlsi.training`).
 
 After training, the held-out split measures each layer's verbalized loss and next-token accuracy next to the
 model's own output (``metrics.json``, ``verbalized_depth.png``); the paper's finding is that verbalized loss
@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,28 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsi.backbone import Backbone, parse_layers, target_layers
-from vlsi.checkpointing import CheckpointManager
 from vlsi.chunked import DEFAULT_CHUNK_TOKENS, chunk_tokens, chunked_unsupported
 from vlsi.data import ChatDataset, Encoder, collate
-from vlsi.engines import prepare_frozen, whole_load, whole_weights
+from vlsi.engines import prepare_frozen, whole_load
 from vlsi.evaluate import generate_answers
 from vlsi.models import load_model
 from vlsi.processing import VLProcessor
-from vlsi.runtime import (
-    TrainingArgs,
-    append_jsonl,
-    global_response_tokens,
-    global_token_mean,
-    grad_sync,
-    history_tail,
-    make_accelerator,
-    mixed_precision,
-    next_batch,
-    optimizer_step,
-    prepare_training,
-    progress_bar,
-    run_fingerprint,
-)
+from vlsi.runtime import TrainingArgs, make_accelerator, mixed_precision
+from vlsi.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 from vlsi.verbalizer import (
     VerbalizerConfig,
     Verbalizers,
@@ -254,19 +239,22 @@ def _splits(cfg: VerbalizeConfig, encoder: Encoder) -> tuple[ChatDataset, int, C
     return train, n_train, held, held_idx
 
 
+def _frozen_model(cfg: VerbalizeConfig, accelerator, model: nn.Module | None) -> nn.Module:
+    if model is None:
+        # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
+        dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
+        with whole_load(accelerator):
+            model = load_model(cfg.model, dtype=dtype)
+    return freeze(model)
+
+
 def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> dict:
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
     chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
-    out = Path(cfg.out)
-    precision = mixed_precision(cfg.precision)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model)
-    if model is None:
-        # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
-        with whole_load(accelerator):
-            model = load_model(cfg.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    model = freeze(model)
+    model = _frozen_model(cfg, accelerator, model)
     backbone = Backbone(model)
     layers = resolve_layers(cfg, backbone.num_layers)
     verbalizers = build_verbalizers(
@@ -280,80 +268,45 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
         f"frozen backbone: {n_model:,} parameters, {backbone.num_layers} layers"
     )
 
-    encoder = Encoder(processor, cfg.max_length)
-    dataset, n_train, held, held_idx = _splits(cfg, encoder)
-    world = accelerator.num_processes
-    loss_module, optimizer, scheduler, stream, total = prepare_training(
-        accelerator, cfg, VerbalizedLoss(verbalizers, chunk), n_train
-    )
+    dataset, n_train, held, held_idx = _splits(cfg, Encoder(processor, cfg.max_length))
+    run = prepare_run(accelerator, cfg, VerbalizedLoss(verbalizers, chunk), dataset, n_train)
     # Placed after the verbalizers copied its final norm (whole) and after DeepSpeed's config was completed;
     # sharded like step 2's teacher under FSDP2 / ZeRO-3, moved whole to the device otherwise.
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
-    fp = run_fingerprint(cfg, world, ignore=("eval_max_records",), target_layers=layers)
-    ckpts = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints)
-    step, history = 0, []
-    log_file = out / "train_log.jsonl"
-    if (state := ckpts.resume_or_reset(accelerator, cfg.resume, fp, [log_file])) is not None:
-        step = state["step"]
-        stream.load(state["data"])
-        history = state.get("history", [])
-        log.info("resumed at step %d", step)
+    resume(run, ignore=("eval_max_records",), target_layers=layers)
 
-    loss_module.train()
-    bar = progress_bar(accelerator, total, step, "verbalize")
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    while step < total:
-        micro = [next_batch(stream, dataset, processor.pad_token_id) for _ in range(cfg.grad_accum)]
-        n_resp = global_response_tokens(accelerator, micro)
-        step_sums = torch.zeros(len(layers))
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with torch.no_grad(), accelerator.autocast():
-                hidden = backbone.layer_states(layers, batch)
-            sync = grad_sync(accelerator, loss_module, i, len(micro))
-            with sync, accelerator.autocast():
-                per_layer = loss_module(hidden, batch["labels"])
-                # DDP averages gradients over processes; scaling by world makes each a global token mean.
-                loss = sum(per_layer.values()) * world / n_resp
-            accelerator.backward(loss)
-            step_sums += torch.tensor([per_layer[layer].item() for layer in layers])
-        optimizer_step(
-            accelerator, loss_module, optimizer, scheduler, cfg.max_grad_norm, step + 1, step_sums, micro
-        )
-        step += 1
-        history.append(global_token_mean(accelerator, step_sums, n_resp))
-        bar.update(1)
-        bar.set_postfix({f"L{layer}": f"{v:.2f}" for layer, v in zip(layers, history[-1], strict=True)})
-        if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total):
-            recent = torch.tensor(history[-cfg.log_every :]).mean(0).tolist()
-            row = {
-                "step": step,
-                "lr": scheduler.get_last_lr()[0],
-                "loss": dict(zip(map(str, layers), recent, strict=True)),
-            }
-            append_jsonl(log_file, row)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            state = {"fingerprint": fp, "data": stream.state(), "history": history_tail(history, cfg)}
-            ckpts.save(accelerator, step, state)
-    bar.close()
+    def micro_loss(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            hidden = backbone.layer_states(layers, batch)
+        per_layer = run.module(hidden, batch["labels"])
+        return sum(per_layer.values()), torch.tensor([per_layer[layer].item() for layer in layers])
 
-    accelerator.wait_for_everyone()
-    summary = {
-        "steps": step,
-        "target_layers": layers,
-        "final_loss": torch.tensor(history[-10:]).mean(0).tolist() if history else None,
-        "verbalizer_parameters": n_verb,
-        "backbone_parameters": n_model,
-        "seconds": round(time.perf_counter() - start, 1),
-        "records": n_train,
-        **dataset.skips.summary(),
-    }
+    def layer_means(recent: list) -> list[float]:
+        return torch.tensor(recent).mean(0).tolist()
+
+    train(
+        run,
+        "verbalize",
+        micro_loss,
+        entry=lambda means: means,
+        row=lambda recent: {"loss": dict(zip(map(str, layers), layer_means(recent), strict=True))},
+        pad_id=processor.pad_token_id,
+    )
+
+    final = final_steps(run)
+    result = summary(
+        run,
+        n_train,
+        target_layers=layers,
+        final_loss=layer_means(final) if final else None,
+        verbalizer_parameters=n_verb,
+        backbone_parameters=n_model,
+    )
     # Every process measures (the same records): a sharded backbone's forward is a collective. The
     # verbalizers are whole inside, also under FSDP2 / ZeRO-3.
-    with whole_weights(accelerator, loss_module):
-        verbalizers = accelerator.unwrap_model(loss_module).verbalizers.eval()
-        metrics = measure_depth(
+    with whole_trained(run) as trained:
+        verbalizers = trained.verbalizers.eval()
+        result["held_out"] = measure_depth(
             backbone,
             verbalizers,
             held,
@@ -362,14 +315,17 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
             processor.pad_token_id,
             accelerator.autocast,
         )
-        summary["held_out"] = metrics
         if accelerator.is_main_process:
-            verbalizers.save(out, base_model_info(backbone))
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            plot_depth(metrics, out / "verbalized_depth.png")
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return summary
+            _save(run.out, backbone, verbalizers, result)
+    return result
+
+
+def _save(out: Path, backbone: Backbone, verbalizers: Verbalizers, summary: dict) -> None:
+    """The verbalizers, their held-out metrics and depth plot, and the summary."""
+    verbalizers.save(out, base_model_info(backbone))
+    (out / "metrics.json").write_text(json.dumps(summary["held_out"], indent=2))
+    plot_depth(summary["held_out"], out / "verbalized_depth.png")
+    write_summary(out, summary)
 
 
 # --- inspection -------------------------------------------------------------------------------------------
