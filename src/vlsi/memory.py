@@ -158,57 +158,75 @@ def estimate_memory(
     (add 1-3 GiB).
     """
     n_params = n_params or {}
-    rows = {}
-    v_cfg, i_cfg, s_cfg = recipe["verbalize"], recipe["interact"], recipe["sft"]
     t_layers, s_layers = parse_layers(recipe["teacher_layers"]), parse_layers(recipe["student_layers"])
     t_verb = n_params.get("teacher_verbalizers") or verbalizer_parameters(teacher.backbone, t_layers)
     s_verb = n_params.get("student_verbalizers") or verbalizer_parameters(student.backbone, s_layers)
+    v_cfg, i_cfg, s_cfg = recipe["verbalize"], recipe["interact"], recipe["sft"]
+    where = (engine, gpus, seq_len)
+    return {
+        "1 verbalize teacher": _verbalize(teacher, t_verb, len(t_layers), v_cfg, where),
+        "1 verbalize student": _verbalize(student, s_verb, len(s_layers), v_cfg, where),
+        "2 interact": _interact(
+            teacher, student, (t_verb, len(t_layers)), (s_verb, len(s_layers)), i_cfg, n_params, where
+        ),
+        "3 sft": _sft(student, s_cfg, n_params, where),
+    }
 
-    def tokens(cfg):
-        length = seq_len or cfg["max_length"]
-        return cfg["batch_size"] * length, cfg["batch_size"], length
 
-    def gather(m):
-        return 2 * m.largest_layer * FROZEN_BF16
+# where: (engine, GPUs, sequence length or None for each step's max_length).
+Where = tuple[str, int, "int | None"]
+StepMemory = tuple[Memory, int, int]  # (per GPU, batch, sequence length)
 
-    # Step 1: one frozen backbone at a time, its verbalizers trained.
-    n, batch, length = tokens(v_cfg)
-    for role, m, verb, layers in (
-        ("teacher", teacher, t_verb, t_layers),
-        ("student", student, s_verb, s_layers),
-    ):
-        mem = _place([Part(m.total, FROZEN_BF16), Part(verb, FP32, True)], engine, gpus, gather(m))
-        mem.activations = (
-            _frozen_forward(m, n)
-            + len(layers) * n * m.hidden_size * FROZEN_BF16
-            + _verb_ffn_graph(m, len(layers), n)
-        )
-        mem.heads = _verbalized_heads(v_cfg, len(layers), m.head_width, n, engine)
-        rows[f"1 verbalize {role}"] = (mem, batch, length)
 
-    # Step 2: frozen teacher + its verbalizers; the student (LoRA or whole) and its verbalizers trained.
-    n, batch, length = tokens(i_cfg)
-    parts = [Part(teacher.total, FROZEN_BF16), Part(t_verb, FP32), Part(s_verb, FP32, True)]
-    parts += _student_parts(student, i_cfg, n_params)
-    mem = _place(parts, engine, gpus, gather(teacher))
-    checkpointing = i_cfg["gradient_checkpointing"]
+def _tokens(cfg: dict, where: Where) -> tuple[int, int, int]:
+    """(tokens per GPU, batch, sequence length) of one micro-batch."""
+    length = where[2] or cfg["max_length"]
+    return cfg["batch_size"] * length, cfg["batch_size"], length
+
+
+def _placed(parts: list[Part], where: Where, gathered: ModelSummary) -> Memory:
+    """:func:`_place`, gathering two of ``gathered``'s largest decoder layers (bf16) when sharded."""
+    return _place(parts, where[0], where[1], 2 * gathered.largest_layer * FROZEN_BF16)
+
+
+def _verbalize(m: ModelSummary, verb: int, layers: int, cfg: dict, where: Where) -> StepMemory:
+    """Step 1: one frozen backbone, its verbalizers trained."""
+    n, batch, length = _tokens(cfg, where)
+    mem = _placed([Part(m.total, FROZEN_BF16), Part(verb, FP32, True)], where, m)
     mem.activations = (
-        _trained_activations(student, n, checkpointing)
-        + _verb_ffn_graph(student, len(s_layers), n)
+        _frozen_forward(m, n) + layers * n * m.hidden_size * FROZEN_BF16 + _verb_ffn_graph(m, layers, n)
+    )
+    mem.heads = _verbalized_heads(cfg, layers, m.head_width, n, where[0])
+    return mem, batch, length
+
+
+def _interact(
+    teacher: ModelSummary, student: ModelSummary, t: tuple, s: tuple, cfg: dict, n_params: dict, where: Where
+) -> StepMemory:
+    """Step 2: the frozen teacher and its verbalizers; the student (LoRA or whole) and its verbalizers
+    trained. ``t`` and ``s``: (verbalizer parameters, target layers) of the teacher and the student."""
+    (t_verb, t_layers), (s_verb, s_layers) = t, s
+    n, batch, length = _tokens(cfg, where)
+    parts = [Part(teacher.total, FROZEN_BF16), Part(t_verb, FP32), Part(s_verb, FP32, True)]
+    mem = _placed(parts + _student_parts(student, cfg, n_params), where, teacher)
+    mem.activations = (
+        _trained_activations(student, n, cfg["gradient_checkpointing"])
+        + _verb_ffn_graph(student, s_layers, n)
         + _frozen_forward(teacher, n)
-        + (len(t_layers) + 1) * n * teacher.hidden_size * FROZEN_BF16
+        + (t_layers + 1) * n * teacher.hidden_size * FROZEN_BF16
     )
     vocab = max(teacher.head_width, student.head_width)
-    mem.heads = _verbalized_heads(i_cfg, len(s_layers) + 1, vocab, n, engine)
-    rows["2 interact"] = (mem, batch, length)
+    mem.heads = _verbalized_heads(cfg, s_layers + 1, vocab, n, where[0])
+    return mem, batch, length
 
-    # Step 3: the student alone, its own head over every position.
-    n, batch, length = tokens(s_cfg)
-    mem = _place(_student_parts(student, s_cfg, n_params), engine, gpus, gather(student))
-    mem.activations = _trained_activations(student, n, s_cfg["gradient_checkpointing"])
+
+def _sft(student: ModelSummary, cfg: dict, n_params: dict, where: Where) -> StepMemory:
+    """Step 3: the student alone, its own head over every position."""
+    n, batch, length = _tokens(cfg, where)
+    mem = _placed(_student_parts(student, cfg, n_params), where, student)
+    mem.activations = _trained_activations(student, n, cfg["gradient_checkpointing"])
     mem.heads = n * student.head_width * (FROZEN_BF16 + FP32 + FP32)
-    rows["3 sft"] = (mem, batch, length)
-    return rows
+    return mem, batch, length
 
 
 def _student_parts(student: ModelSummary, cfg: dict, n_params: dict) -> list[Part]:

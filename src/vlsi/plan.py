@@ -326,8 +326,35 @@ def make_plan(cfg: PlanConfig) -> str:
     recipe = load_recipe(recipe_file)
     teacher, student = summarize(recipe["teacher"]), summarize(recipe["student"])
     vocab_notes = check_pair(teacher, student)  # before anything else: a mismatch is refused outright
-
     t_layers, s_layers = parse_layers(recipe["teacher_layers"]), parse_layers(recipe["student_layers"])
+    _check_layers(teacher, t_layers, student, s_layers)
+    n_params = {
+        "teacher_verbalizers": verbalizer_parameters(teacher.backbone, t_layers),
+        "student_verbalizers": verbalizer_parameters(student.backbone, s_layers),
+    }
+
+    out = [f"recipe  {cfg.recipe}"]
+    if recipe_file != Path(cfg.recipe).expanduser():
+        out[0] += f"  (bundled {recipe_file.relative_to(BUNDLED_MODELS.parent.parent)})"
+    out += _model_lines(teacher, student)
+    out.append("target layers")
+    out.append(f"  teacher {len(t_layers):>2}: {_layer_list(t_layers)}")
+    out.append(f"  student {len(s_layers):>2}: {_layer_list(s_layers)}")
+    out.append("verbalizers (verb-FFN 3 x hidden^2 + a norm copy per layer)")
+    for role, layers in (("teacher", t_layers), ("student", s_layers)):
+        n = n_params[f"{role}_verbalizers"]
+        out.append(f"  {role} {len(layers):>2} x {_m(n / len(layers)):>7} = {_m(n):>8}  ({n:,})")
+    out.append("vocabulary")
+    out.extend(f"  {note}" for note in vocab_notes)
+    out.append("student trained in " + "; ".join(_trained(recipe, student, n_params)))
+    rows = estimate_memory(teacher, student, recipe, cfg.engine, cfg.gpus, cfg.seq_len, n_params)
+    out += _memory_lines(cfg, recipe, rows)
+    return "\n".join(out)
+
+
+def _check_layers(
+    teacher: ModelSummary, t_layers: list[int], student: ModelSummary, s_layers: list[int]
+) -> None:
     for role, m, layers in (("teacher", teacher, t_layers), ("student", student, s_layers)):
         if max(layers) >= m.num_layers:
             raise ValueError(f"{role}_layers {layers} go beyond {m.name}'s {m.num_layers} layers (0-based)")
@@ -335,53 +362,39 @@ def make_plan(cfg: PlanConfig) -> str:
         raise ValueError(
             f"{len(s_layers)} student target layers but {len(t_layers)} teacher layers: matching needs t_s <= t_l"
         )
-    t_verb = verbalizer_parameters(teacher.backbone, t_layers)
-    s_verb = verbalizer_parameters(student.backbone, s_layers)
 
-    out = [f"recipe  {cfg.recipe}"]
-    if recipe_file != Path(cfg.recipe).expanduser():
-        out[0] += f"  (bundled {recipe_file.relative_to(BUNDLED_MODELS.parent.parent)})"
-    out.append(f"{'':8}{'model':<44}{'layers':>7}{'hidden':>8}{'head':>9}{'vision':>9}{'LM':>9}{'total':>9}")
+
+def _model_lines(teacher: ModelSummary, student: ModelSummary) -> list[str]:
+    out = [f"{'':8}{'model':<44}{'layers':>7}{'hidden':>8}{'head':>9}{'vision':>9}{'LM':>9}{'total':>9}"]
     for role, m in (("teacher", teacher), ("student", student)):
         out.append(
             f"{role:<8}{m.name:<44}{m.num_layers:>7}{m.hidden_size:>8}{m.head_width:>9,}"
             f"{_m(m.vision):>9}{_m(m.language):>9}{_m(m.total):>9}"
         )
         out.append(f"{'':8}  config: {m.source}")
-    out.append("target layers")
-    out.append(f"  teacher {len(t_layers):>2}: {_layer_list(t_layers)}")
-    out.append(f"  student {len(s_layers):>2}: {_layer_list(s_layers)}")
-    out.append("verbalizers (verb-FFN 3 x hidden^2 + a norm copy per layer)")
-    for role, layers, n in (
-        ("teacher", t_layers, t_verb),
-        ("student", s_layers, s_verb),
-    ):
-        out.append(f"  {role} {len(layers):>2} x {_m(n / len(layers)):>7} = {_m(n):>8}  ({n:,})")
-    out.append("vocabulary")
-    out.extend(f"  {note}" for note in vocab_notes)
+    return out
 
-    n_params = {"teacher_verbalizers": t_verb, "student_verbalizers": s_verb}
-    for step in ("interact", "sft"):
-        if recipe[step].get("lora"):
-            rank = recipe[step]["lora_rank"]
-            n_params[("lora", rank)] = n_params.get(("lora", rank)) or lora_parameters(student.model, rank)
+
+def _trained(recipe: dict, student: ModelSummary, n_params: dict) -> list[str]:
+    """What steps 2 and 3 train of the student; counts the LoRA parameters into ``n_params``."""
     trained = []
     for step in ("interact", "sft"):
         s = recipe[step]
-        what = (
-            f"LoRA r{s['lora_rank']} ({_m(n_params[('lora', s['lora_rank'])])})" if s.get("lora") else "whole"
-        )
-        trained.append(f"{step}: {what}")
-    out.append("student trained in " + "; ".join(trained))
+        if not s.get("lora"):
+            trained.append(f"{step}: whole")
+            continue
+        key = ("lora", s["lora_rank"])
+        n_params[key] = n_params.get(key) or lora_parameters(student.model, s["lora_rank"])
+        trained.append(f"{step}: LoRA r{s['lora_rank']} ({_m(n_params[key])})")
+    return trained
 
-    rows = estimate_memory(teacher, student, recipe, cfg.engine, cfg.gpus, cfg.seq_len, n_params)
-    out.append(
+
+def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
+    out = [
         f"memory per GPU (GiB), {cfg.engine} on {cfg.gpus} GPU{'s' if cfg.gpus > 1 else ''}, "
-        f"bf16 autocast, every token a response token"
-    )
-    out.append(
-        f"  {'step':<22}{'batch':>6}{'seq':>6}{'weights':>9}{'grad+opt':>9}{'activ':>8}{'heads':>8}{'total':>8}"
-    )
+        f"bf16 autocast, every token a response token",
+        f"  {'step':<22}{'batch':>6}{'seq':>6}{'weights':>9}{'grad+opt':>9}{'activ':>8}{'heads':>8}{'total':>8}",
+    ]
     for name, (mem, batch, length) in rows.items():
         flag = "  > --gpu-memory" if mem.total / GIB > cfg.gpu_memory else ""
         out.append(
@@ -408,7 +421,7 @@ def make_plan(cfg: PlanConfig) -> str:
             "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.engines.prepare_frozen places them"
         )
     out.append("  not counted: vision activations, CUDA context and allocator slack (1-3 GiB)")
-    return "\n".join(out)
+    return out
 
 
 def run_plan(cfg: PlanConfig) -> None:

@@ -139,23 +139,10 @@ def _write_shard(path: Path, rows: list[dict], keys: list, k: int, logp_dtype: s
     return int(offsets[-1])
 
 
-def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
-    cfg.validate()
-    out = Path(cfg.out)
-    accelerator = make_accelerator(cfg.precision, 0)
-    processor = VLProcessor.from_pretrained(cfg.teacher)
-    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
-    teacher, verbalizers = _load_teacher(cfg, accelerator)
-    read = Reader(teacher, verbalizers)
-    layers = verbalizers.layers
-    keys = [*layers, FINAL]
-    width = cfg.vocab_width or teacher.vocab_size
-    if not 0 < width <= teacher.vocab_size:
-        raise ValueError(
-            f"--vocab-width {width} must lie in 1..{teacher.vocab_size} (the teacher head's rows)"
-        )
+def _settings(cfg: TeacherCacheConfig, processor, layers: list[int], width: int) -> dict:
+    """What the cache depends on: its fingerprint, which a rerun or step 2 must find the same."""
     config_file = Path(cfg.teacher) / "config.json"
-    settings = {
+    return {
         **content_fingerprint(processor, cfg.data),
         "verbalizers": _verbalizers_sha(cfg.teacher_verbalizers),
         "teacher_config": file_sha(config_file) if config_file.exists() else str(cfg.teacher),
@@ -166,16 +153,19 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
         "max_length": cfg.max_length,
         "logp_dtype": cfg.logp_dtype,
     }
-    fp = settings_hash(settings)
-    n, per_shard = len(dataset), cfg.shard_records
-    shards = math.ceil(n / per_shard)
+
+
+def _open_index(accelerator, cfg: TeacherCacheConfig, settings: dict, n: int) -> dict:
+    """The index of an unfinished cache, written unless a rerun finds it; a cache of other settings at
+    ``--out`` is refused. Returns the index."""
+    out, fp = Path(cfg.out), settings_hash(settings)
     plan = {"format": FORMAT, "complete": False, "fingerprint": fp.settings, "fingerprint_hash": str(fp),
-            "records": n, "shard_records": per_shard, "shards": shards, "data_path": str(cfg.data),
-            "teacher_path": str(cfg.teacher)}  # fmt: skip
+            "records": n, "shard_records": cfg.shard_records, "shards": math.ceil(n / cfg.shard_records),
+            "data_path": str(cfg.data), "teacher_path": str(cfg.teacher)}  # fmt: skip
     index_file = out / INDEX_FILE
     if index_file.exists():
         old = json.loads(index_file.read_text())
-        if old.get("fingerprint_hash") != str(fp) or old.get("shard_records") != per_shard:
+        if old.get("fingerprint_hash") != str(fp) or old.get("shard_records") != cfg.shard_records:
             changed = sorted(k for k in settings if old.get("fingerprint", {}).get(k) != fp.settings[k])
             raise ValueError(
                 f"{out} holds a teacher cache built with other settings ({', '.join(changed) or 'shard_records'} "
@@ -187,83 +177,121 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
         if not index_file.exists():
             write_json_atomic(index_file, plan)
     accelerator.wait_for_everyone()
+    return plan
 
-    per_token = bytes_per_token(len(keys), cfg.top_k, width, cfg.logp_dtype)
+
+def _announce_size(accelerator, dataset: ChatDataset, plan: dict, settings: dict, per_token: int) -> None:
+    """The size the cache will take, from the response tokens of the first records."""
+    n, layers = len(dataset), settings["layers"]
     sample = [x for x in (dataset[i] for i in range(min(SIZE_SAMPLE, n))) if x is not None]
     mean_tokens = sum(count_response_tokens(x["labels"][None]) for x in sample) / max(1, len(sample))
     estimate = mean_tokens * n * per_token
     if accelerator.is_main_process:
         print(
-            f"teacher-cache: {n} records in {shards} shards, {len(keys)} distributions per response token "
-            f"(layers {layers} and final), top-{settings['top_k']} of {width}: {per_token} bytes per response "
-            f"token; about {mean_tokens:.0f} response tokens per record (first {len(sample)}): "
-            f"~{estimate / 2**30:.2f} GiB",
+            f"teacher-cache: {n} records in {plan['shards']} shards, {len(layers) + 1} distributions per "
+            f"response token (layers {layers} and final), top-{settings['top_k']} of {settings['width']}: "
+            f"{per_token} bytes per response token; about {mean_tokens:.0f} response tokens per record "
+            f"(first {len(sample)}): ~{estimate / 2**30:.2f} GiB",
             flush=True,
         )
 
+
+def _teacher_rows(
+    accelerator, read: Reader, kept: list[dict], cfg: TeacherCacheConfig, width: int, pad_id: int
+):
+    """Per record of ``kept`` (this process's share of one forward), its response tokens' distributions by
+    key, on the CPU. With nothing to process, a stand-in keeps a sharded teacher's collective forward going."""
+    if kept:
+        batch = {k: v.to(accelerator.device) for k, v in collate(kept, pad_id).items()}
+    elif accelerator.num_processes > 1:
+        batch = _stand_in(pad_id, accelerator.device)
+    else:
+        return []
+    layers = read.verbalizers.layers
+    with torch.no_grad(), accelerator.autocast():
+        states = teacher_response_states(read.backbone, layers, batch)
+        dists = {key: _topk(read, key, states[key], cfg, width) for key in [*layers, FINAL]}
+    per_record = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum(1).tolist()
+    bounds = torch.tensor([0, *per_record]).cumsum(0).tolist()
+    return [
+        {key: d[bounds[j] : bounds[j + 1]].to("cpu") for key, d in dists.items()} for j in range(len(kept))
+    ]
+
+
+def _shard_rows(
+    accelerator, read: Reader, dataset: ChatDataset, records: range, cfg, width: int, pad_id: int, bar
+):
+    """One shard's rows; every process runs the same number of forwards, ``records`` empty or not."""
+    rows = []
+    for f in range(math.ceil(cfg.shard_records / cfg.batch_size)):
+        indices = records[f * cfg.batch_size : (f + 1) * cfg.batch_size]
+        items = [dataset[i] for i in indices]
+        kept = [x for x in items if x is not None]
+        teacher = iter(_teacher_rows(accelerator, read, kept, cfg, width, pad_id))
+        for i, item in zip(indices, items, strict=True):
+            rows.append(
+                {
+                    "record_hash": record_hash(dataset.records[i]),
+                    "teacher": None if item is None else next(teacher),
+                    "token_hash": token_hash(item) if item is not None else torch.zeros(8, dtype=torch.uint8),
+                }
+            )
+        bar.update(len(indices) * accelerator.num_processes)
+    return rows
+
+
+def _check_shards(out: Path, shards: int, fp: str) -> dict:
+    """The finished cache's response tokens and bytes; a shard of another build is refused."""
+    tokens = 0
+    for s in range(shards):
+        with safe_open(str(shard_path(out, s)), framework="pt") as f:
+            if f.metadata().get("fingerprint") != fp:
+                raise ValueError(f"{shard_path(out, s)} was written by another cache build; remove it")
+            tokens += int(f.get_tensor("offsets")[-1])
+    size = sum(shard_path(out, s).stat().st_size for s in range(shards))
+    return {"response_tokens": tokens, "bytes": size, "bytes_per_response_token": size / max(1, tokens)}
+
+
+def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
+    cfg.validate()
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.precision, 0)
+    processor = VLProcessor.from_pretrained(cfg.teacher)
+    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    teacher, verbalizers = _load_teacher(cfg, accelerator)
+    read = Reader(teacher, verbalizers)
+    keys = [*verbalizers.layers, FINAL]
+    width = cfg.vocab_width or teacher.vocab_size
+    if not 0 < width <= teacher.vocab_size:
+        raise ValueError(
+            f"--vocab-width {width} must lie in 1..{teacher.vocab_size} (the teacher head's rows)"
+        )
+    settings = _settings(cfg, processor, verbalizers.layers, width)
+    fp = str(settings_hash(settings))
+    plan = _open_index(accelerator, cfg, settings, len(dataset))
+    per_token = bytes_per_token(len(keys), cfg.top_k, width, cfg.logp_dtype)
+    _announce_size(accelerator, dataset, plan, settings, per_token)
+
+    # Process p writes shards p, p + world, ...: one round is one shard per process.
+    n, per_shard, shards = len(dataset), cfg.shard_records, plan["shards"]
     world, rank = accelerator.num_processes, accelerator.process_index
-    forwards_per_shard = math.ceil(per_shard / cfg.batch_size)
     done = {s for s in range(shards) if shard_path(out, s).exists()}
     bar = progress_bar(accelerator, n, min(n, len(done) * per_shard), "teacher-cache")
-    pad_id = processor.pad_token_id
     for start in range(0, shards, world):
         mine = start + rank
         todo = mine < shards and mine not in done
         if not todo and all(s in done or s >= shards for s in range(start, start + world)):
             continue  # the whole round is written: no process runs a forward
         records = range(mine * per_shard, min(n, (mine + 1) * per_shard)) if todo else range(0)
-        rows = []
-        for f in range(forwards_per_shard):
-            indices = records[f * cfg.batch_size : (f + 1) * cfg.batch_size]
-            items = [dataset[i] for i in indices]
-            kept = [x for x in items if x is not None]
-            if kept:
-                batch = {k: v.to(accelerator.device) for k, v in collate(kept, pad_id).items()}
-            elif world > 1:
-                batch = _stand_in(pad_id, accelerator.device)
-            else:
-                batch = None
-            teacher_rows = {}
-            if batch is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    states = teacher_response_states(teacher, layers, batch)
-                    dists = {key: _topk(read, key, states[key], cfg, width) for key in keys}
-                per_record = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum(1).tolist()
-                bounds = torch.tensor([0, *per_record]).cumsum(0).tolist()
-                for j in range(len(kept)):
-                    teacher_rows[j] = {
-                        key: d[bounds[j] : bounds[j + 1]].to("cpu") for key, d in dists.items()
-                    }
-            j = 0
-            for i, item in zip(indices, items, strict=True):
-                row = {"record_hash": record_hash(dataset.records[i]), "teacher": None}
-                row["token_hash"] = (
-                    token_hash(item) if item is not None else torch.zeros(8, dtype=torch.uint8)
-                )
-                if item is not None:
-                    row["teacher"] = teacher_rows[j]
-                    j += 1
-                rows.append(row)
-            bar.update(len(indices) * world)
+        rows = _shard_rows(accelerator, read, dataset, records, cfg, width, processor.pad_token_id, bar)
         if todo:
-            _write_shard(shard_path(out, mine), rows, keys, settings["top_k"], cfg.logp_dtype, str(fp))
+            _write_shard(shard_path(out, mine), rows, keys, settings["top_k"], cfg.logp_dtype, fp)
     bar.close()
     accelerator.wait_for_everyone()
 
     summary = {"records": n, "shards": shards, "bytes_per_token": per_token, **dataset.skips.summary()}
     if accelerator.is_main_process:
-        tokens = 0
-        for s in range(shards):
-            with safe_open(str(shard_path(out, s)), framework="pt") as f:
-                if f.metadata().get("fingerprint") != str(fp):
-                    raise ValueError(f"{shard_path(out, s)} was written by another cache build; remove it")
-                tokens += int(f.get_tensor("offsets")[-1])
-        size = sum(shard_path(out, s).stat().st_size for s in range(shards))
-        summary |= {
-            "response_tokens": tokens,
-            "bytes": size,
-            "bytes_per_response_token": size / max(1, tokens),
-        }
-        write_json_atomic(index_file, {**plan, "complete": True, **summary, "settings": asdict(cfg)})
+        summary |= _check_shards(out, shards, fp)
+        write_json_atomic(out / INDEX_FILE, {**plan, "complete": True, **summary, "settings": asdict(cfg)})
     accelerator.wait_for_everyone()
     return summary

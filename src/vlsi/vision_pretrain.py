@@ -62,6 +62,13 @@ def _column_labels(digits: list[str], grid_thw: torch.Tensor, merge: int) -> tor
     return torch.tensor(labels)
 
 
+def _digit_records(data: str) -> list[dict]:
+    records = [r for r in json.loads(Path(data).read_text()) if "digits" in r]
+    if not records:
+        raise ValueError(f"{data}: no record carries 'digits'; stage 0 needs a vlsi.digits file")
+    return records
+
+
 def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.teacher)
@@ -82,16 +89,15 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
         params, cfg.lr, cfg.lr / 100, 0.0, cfg.steps, min(20, cfg.steps // 10)
     )
     base = Path(cfg.data).parent
-    records = [r for r in json.loads(Path(cfg.data).read_text()) if "digits" in r]
-    if not records:
-        raise ValueError(f"{cfg.data}: no record carries 'digits'; stage 0 needs a vlsi.digits file")
+    records = _digit_records(cfg.data)
     rng = random.Random(cfg.seed)
-    merge = trunk.spatial_merge_size
     history = []
     for _ in (bar := tqdm(range(cfg.steps), desc="stage 0: vision", dynamic_ncols=True)):
         batch = rng.sample(records, min(cfg.batch_size, len(records)))
         inputs = processor.process_images([Image.open(base / r["image"]).convert("RGB") for r in batch])
-        labels = _column_labels([r["digits"] for r in batch], inputs["image_grid_thw"], merge)
+        labels = _column_labels(
+            [r["digits"] for r in batch], inputs["image_grid_thw"], trunk.spatial_merge_size
+        )
         out = trunk(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
         losses = [
             torch.nn.functional.cross_entropy(probes[0](out.pooler_output), labels),
@@ -108,11 +114,16 @@ def pretrain_vision(cfg: VisionPretrainConfig) -> dict:
             {"teacher_loss": losses[0].item(), "student_loss": losses[1].item(), "student_acc": acc}
         )
         bar.set_postfix(loss=f"{losses[0].item():.3f}", acc=f"{acc:.2f}")
+    return _write(cfg, processor, teacher, student, history)
+
+
+def _write(cfg: VisionPretrainConfig, processor, teacher, student, history: list[dict]) -> dict:
+    """Both models with the trained encoder, and the summary of the probes' last 20 steps."""
     # The student gets the teacher's trunk: one encoder, as one ViT serves every Qwen2-VL size.
-    student_visual = student.model.visual
+    trunk, student_visual = teacher.model.visual, student.model.visual
     student_visual.load_state_dict(
         {k: v for k, v in trunk.state_dict().items() if not k.startswith("merger.")}
-        | {f"merger.{k}": v for k, v in s_merger.state_dict().items()}
+        | {f"merger.{k}": v for k, v in student_visual.merger.state_dict().items()}
     )
     out = Path(cfg.out)
     tail = history[-20:]
