@@ -102,12 +102,12 @@ def prepare_run(
 
 def resume(run: Run, ignore: tuple[str, ...] = (), logs: tuple | list = (), **settings) -> dict | None:
     """Continues ``run`` from the latest checkpoint in OUT, or, with ``--no-resume`` or none there, starts it
-    clean (old checkpoints and ``logs`` besides train_log.jsonl removed).
+    clean (old checkpoints, train_log.jsonl and the step's other ``logs`` removed).
 
-    The checkpoint must have been written with the same settings (the config less ``ignore`` and the
-    bookkeeping fields, plus ``settings``). Called after every module the run places (a frozen model
-    under DeepSpeed is one), since the checkpoint names them all. Returns the checkpoint's state, where a
-    step finds what it saved of its own; None on a clean start.
+    The checkpoint must have been written with the same settings: the config less ``ignore`` and the
+    bookkeeping fields, plus ``settings``. Called once every model of the run is placed, frozen ones
+    included. Returns the checkpoint's state, where a step finds what it saved of its own; None on a clean
+    start.
     """
     accelerator, cfg = run.accelerator, run.cfg
     run.fingerprint = run_fingerprint(cfg, accelerator.num_processes, ignore, **settings)
