@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlsi.synth import SynthConfig, generate
 from vlsi.tiny import TinyConfig
 from vlsi.tiny_models import build_tiny
+
+# The tiny models' ops are far too small to gain from a second thread; on a 2-core machine shared with other
+# work, torch's default of one thread per core made the suite 1.5-2x slower than a single thread.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
