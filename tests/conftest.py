@@ -9,8 +9,9 @@ from vlsi.synth import SynthConfig, generate
 from vlsi.tiny import TinyConfig
 from vlsi.tiny_models import build_tiny
 
-# The tiny models' ops are far too small to gain from a second thread: on a 2-core machine, torch's default
-# of one thread per core made `pytest -m "not slow"` take 38 s instead of 25 s, and more when shared.
+# The tiny models' ops are far too small to gain from a second thread. On a quiet 2-core machine the thread
+# count makes no difference; with another job on one core, torch's default of two threads made these tests
+# 1.7-2.4x slower (test_cli, test_chunked and test_backbone: 16-23 s instead of 9.5 s).
 torch.set_num_threads(1)
 
 
