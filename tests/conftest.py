@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlsi.synth import SynthConfig, generate
 from vlsi.tiny import TinyConfig
 from vlsi.tiny_models import build_tiny
+
+# The tiny models' ops are far too small to gain from a second thread. On a quiet 2-core machine the thread
+# count makes no difference; with another job on one core, torch's default of two threads made these tests
+# 1.7-2.4x slower (test_cli, test_chunked and test_backbone: 16-23 s instead of 9.5 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

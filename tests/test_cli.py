@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
@@ -16,6 +17,7 @@ def _sft(model, data, out, options: str) -> list[str]:
     return ["sft", "--model", str(model), "--data", str(data), "--out", str(out), *options.split()]
 
 
+@pytest.mark.slow  # synth, tiny, sft, eval and the stock reload, end to end
 def test_synth_tiny_sft_eval_export(tmp_path):
     data, models = tmp_path / "data", tmp_path / "models"
     assert main(["synth", "--out", str(data), "--train", "32", "--test", "8", "--seed", "1"]) == 0
@@ -71,16 +73,6 @@ def test_lora_sft_exports_a_merged_plain_checkpoint(tmp_path, tiny_models, synth
     assert torch.equal(merged.state_dict()[emb], base.state_dict()[emb])
 
 
-def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path, tiny_models, synth_data, capsys):
-    out = tmp_path / "run"
-    common = _sft(
-        tiny_models["student"], synth_data / "train.json", out, "--max-steps 3 --batch-size 4 --save-every 1"
-    )
-    assert main(common) == 0
-    assert main(common + ["--lr", "5e-3"]) == 2
-    assert "different settings" in capsys.readouterr().err
-
-
 def test_bad_data_file_is_a_clear_error(tmp_path, tiny_models, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[{]")
@@ -109,15 +101,9 @@ def test_freeze_vision_trains_only_the_language_side(tmp_path, tiny_models, synt
 def test_no_resume_starts_clean(tmp_path, tiny_models, synth_data):
     out = tmp_path / "run"
     data = synth_data / "train.json"
-    assert (
-        main(
-            _sft(
-                tiny_models["student"], data, out, "--max-steps 4 --batch-size 4 --save-every 1 --log-every 1"
-            )
-        )
-        == 0
-    )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    first = "--max-steps 3 --batch-size 4 --save-every 1 --log-every 1"
+    assert main(_sft(tiny_models["student"], data, out, first)) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
     options = "--max-steps 2 --batch-size 4 --save-every 1 --log-every 1 --lr 5e-3 --no-resume"
     assert main(_sft(tiny_models["student"], data, out, options)) == 0
     # The old run's later checkpoints and log rows are gone, not left to outrank the new ones.

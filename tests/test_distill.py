@@ -76,6 +76,7 @@ def test_builtin_setting_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert "[run ]" not in printed and printed.count("[skip]") >= 10
 
 
+@pytest.mark.slow  # the whole tiny setting on the grid task
 def test_grid_task_with_captions_still_runs(tmp_path):
     # The earlier task, with its train-only captions: records of another shape and length.
     out = tmp_path / "grid"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import shutil
@@ -54,9 +55,28 @@ PAPER_LAYERS = {
 STEP_CLASSES = {"verbalize": VerbalizeConfig, "interact": InteractConfig, "sft": SFTConfig}
 
 
+@functools.cache
+def _bundled_summary(name: str):
+    return summarize(name)
+
+
+@pytest.fixture(autouse=True)
+def _each_bundled_model_summarized_once(monkeypatch):
+    """A summary is a meta-device build of the whole model (up to 80 layers, ~0.2 s): `vlsi plan` and
+    make_plan reuse the module's one summary of each bundled model; local folders, which tests edit, are
+    summarized afresh."""
+    import vlsi.plan
+
+    monkeypatch.setattr(
+        vlsi.plan,
+        "summarize",
+        lambda name: _bundled_summary(name) if name in REAL_TOTALS else summarize(name),
+    )
+
+
 @pytest.fixture(scope="module")
 def summaries():
-    return {name: summarize(name) for name in REAL_TOTALS}
+    return {name: _bundled_summary(name) for name in REAL_TOTALS}
 
 
 def test_four_recipes_are_bundled():

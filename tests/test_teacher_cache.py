@@ -61,6 +61,7 @@ def test_the_cache_holds_every_response_token_of_every_layer(full_cache, synth_d
         torch.testing.assert_close(dist.logp.exp().sum(-1), torch.ones(n), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # kill-and-resume: the cache built, then its missing shards built again
 def test_a_killed_build_resumes_with_the_missing_shards_only(
     tmp_path, tiny_models, verbalizers, synth_data, capsys
 ):
@@ -105,7 +106,7 @@ def test_cached_and_live_runs_pick_the_same_matches(
         ("cached", f"--teacher-cache {full_cache}"),
     ):
         out = tmp_path / name
-        assert main(_interact_args(tiny_models, verbalizers, data, out, f"--max-steps 4 {source}")) == 0
+        assert main(_interact_args(tiny_models, verbalizers, data, out, f"--max-steps 2 {source}")) == 0
         logs[name] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
         logs[name + "_matches"] = (out / "match_log.jsonl").read_text()
     assert logs["cached_matches"] == logs["live_matches"]
