@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from vlsi.distill import MODELS, TINY_PRESET
-from vlsi.matching import ABLATION_LADDER
+from vlsi.losses.matching import ABLATION_LADDER
+from vlsi.run.distill import MODELS, TINY_PRESET
 
 MAIN_ROWS = ["teacher", "student_base", "sft_control", "final_layer_kd", "vlsi"]
 # name -> step-2 overrides; "vlsi" itself is the main run's own result.
@@ -90,7 +90,7 @@ def run_seed(out: Path, seed: int, extra: list[str], threads: int, bases: Path |
             if (bases / name).exists():
                 _link(bases / name, root / name)
     _run(
-        [sys.executable, "-m", "vlsi.cli", "distill", "--out", str(root), "--seed", str(seed), *extra],
+        [sys.executable, "-m", "vlsi.run.cli", "distill", "--out", str(root), "--seed", str(seed), *extra],
         root / "log.txt",
         threads,
     )
@@ -121,7 +121,7 @@ def run_variant(root: Path, seed: int, name: str, overrides: dict, extra: list[s
     path = vdir / "variant.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     _run(
-        [sys.executable, "-m", "vlsi.cli", "distill", "--config", str(path), *extra],
+        [sys.executable, "-m", "vlsi.run.cli", "distill", "--config", str(path), *extra],
         vdir / "log.txt",
         threads,
     )

@@ -18,11 +18,11 @@ import argparse
 import json
 from pathlib import Path
 
-from vlsi.evaluate import EvalConfig, evaluate
-from vlsi.pipeline import TinySettings, base_sft_config
-from vlsi.sft import train_sft
-from vlsi.tiny import TinyConfig
-from vlsi.tiny_models import build_tiny
+from vlsi.model.tiny import TinyConfig
+from vlsi.model.tiny_models import build_tiny
+from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.run.pipeline import TinySettings, base_sft_config
+from vlsi.train.sft import train_sft
 
 
 def trial_records(data: Path, split: str, skills: set[str], question_first: bool) -> list[dict]:

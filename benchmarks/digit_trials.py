@@ -1,11 +1,11 @@
 """Trials of the digits task's bases: how far, and how fast, a tiny model of a given size learns it.
 
 One trial builds fresh tiny models of the given language-model size, trains one of them by SFT on a
-`vlsi.digits` train file, records its learning curve on the validation split (``curve.jsonl``)
+`vlsi.data.digits` train file, records its learning curve on the validation split (``curve.jsonl``)
 and appends one JSON line (the last curve point and the time) to ``OUT/results.jsonl``. Settings
 are chosen on the validation split; the test split is for the final numbers only.
 
-    python -c "from vlsi.digits import *; generate(DigitsConfig(out='/tmp/dg', val=200, pool=20000))"
+    python -c "from vlsi.data.digits import *; generate(DigitsConfig(out='/tmp/dg', val=200, pool=20000))"
     python benchmarks/digit_trials.py --name t8x128 --data /tmp/dg --train-file pool.json --steps 1500
 
 Two trials side by side on a 2-core machine: give each ``OMP_NUM_THREADS=1``.
@@ -18,15 +18,15 @@ import json
 import time
 from pathlib import Path
 
-from vlsi.sft import SFTConfig, train_sft
-from vlsi.tiny import LMSize, TinyConfig
-from vlsi.tiny_models import build_tiny
+from vlsi.model.tiny import LMSize, TinyConfig
+from vlsi.model.tiny_models import build_tiny
+from vlsi.train.sft import SFTConfig, train_sft
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True, help="trial name; its files go to OUT/NAME")
-    p.add_argument("--data", required=True, help="a vlsi.digits output directory")
+    p.add_argument("--data", required=True, help="a vlsi.data.digits output directory")
     p.add_argument("--train-file", default="train.json")
     p.add_argument("--out", default="runs/digit_trials")
     p.add_argument("--init", default="", help="start from this checkpoint instead of fresh weights")

@@ -11,8 +11,8 @@ the search range has slack as it has against a 72B teacher's 20 layers. The pair
 rows (152,064 vs 151,936), as in the paper's 72B -> 2B pair.
 
 Weights are random (no checkpoint is read): the models are built directly on the GPU from their configs. The
-step is the package's own: :func:`vlsi.interact.teacher_response_states` then
-:class:`vlsi.interact.InteractingStudent`, backward, clip, AdamW, on synthetic token batches (one image each
+step is the package's own: :func:`vlsi.train.interact.teacher_response_states` then
+:class:`vlsi.train.interact.InteractingStudent`, backward, clip, AdamW, on synthetic token batches (one image each
 unless --no-image) whose first --prompt tokens are masked out of the labels. After --warmup steps, --steps
 are timed; the JSON reports tokens/s, step time, peak CUDA memory, the card, and ``vlsi plan``'s estimate for
 the same setting.
@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument(
-        "--tiny", action="store_true", help="tiny Qwen2-VL pair (vlsi.tiny sizes): a CPU smoke run"
+        "--tiny", action="store_true", help="tiny Qwen2-VL pair (vlsi.model.tiny sizes): a CPU smoke run"
     )
     p.add_argument("--teacher", default=REAL_TEACHER, help="hub id (bundled config) or checkpoint folder")
     p.add_argument("--student", default=REAL_STUDENT)
@@ -70,10 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _configs(args):
     """(teacher config, student config, names for vlsi plan)."""
     if not args.tiny:
-        from vlsi.plan import resolve_config
+        from vlsi.run.plan import resolve_config
 
         return resolve_config(args.teacher)[0], resolve_config(args.student)[0], (args.teacher, args.student)
-    from vlsi.tiny import TinyConfig, build_config, build_tokenizer
+    from vlsi.model.tiny import TinyConfig, build_config, build_tokenizer
 
     tiny = TinyConfig(out="")
     tokenizer = build_tokenizer(tiny.vocab_size)
@@ -127,7 +127,7 @@ def synthetic_batch(config, args, generator: torch.Generator, device, mm_types: 
 
 def interact_settings(args):
     """Step 2's settings: the defaults (the recipe's) with this run's sizes."""
-    from vlsi.interact import InteractSettings
+    from vlsi.train.interact import InteractSettings
 
     values = dict(lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_rank, batch_size=args.batch)
     values.update(max_length=args.seq_len, seed=args.seed)
@@ -140,8 +140,8 @@ def plan_estimate(names, t_layers, s_layers, settings) -> dict:
     """``vlsi plan``'s step-2 estimate for this very setting (one GPU, so no DDP bucket)."""
     import dataclasses
 
-    from vlsi.memory import GIB, estimate_memory
-    from vlsi.plan import complete_recipe, summarize
+    from vlsi.run.memory import GIB, estimate_memory
+    from vlsi.run.plan import complete_recipe, summarize
 
     teacher, student = summarize(names[0]), summarize(names[1])
     interact_keys = {f.name for f in dataclasses.fields(settings)} - {"image_root"}
@@ -162,12 +162,12 @@ def plan_estimate(names, t_layers, s_layers, settings) -> dict:
 
 
 def run(args) -> dict:
-    from vlsi.backbone import Backbone, parse_layers
-    from vlsi.interact import InteractingStudent, Reader, teacher_response_states
-    from vlsi.lora import apply_lora
-    from vlsi.losses import count_response_tokens
-    from vlsi.optim import build_optimizer
-    from vlsi.verbalizer import build_verbalizers
+    from vlsi.losses.tokens import count_response_tokens
+    from vlsi.model.backbone import Backbone, parse_layers
+    from vlsi.model.lora import apply_lora
+    from vlsi.model.verbalizer import build_verbalizers
+    from vlsi.train.interact import InteractingStudent, Reader, teacher_response_states
+    from vlsi.train.optim import build_optimizer
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -181,8 +181,8 @@ def run(args) -> dict:
     result = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "teacher": names[0] if not args.tiny else "tiny teacher (vlsi.tiny)",
-        "student": names[1] if not args.tiny else "tiny student (vlsi.tiny)",
+        "teacher": names[0] if not args.tiny else "tiny teacher (vlsi.model.tiny)",
+        "student": names[1] if not args.tiny else "tiny student (vlsi.model.tiny)",
         "teacher_layers": t_layers,
         "student_layers": s_layers,
         "batch": args.batch,

@@ -14,7 +14,7 @@ trained-looking verbalizers (non-zero FFNs). On one batch of ``--tokens`` respon
 - ``agreement``: the live step's scores, matches and losses against the cached ones at each ``--k``: the
   share of ``--draws`` seeds whose matched layers are all identical, per student layer, and the relative
   error of the scores and of the losses;
-- ``live``: step 2 as :mod:`vlsi.interact` runs it: the teacher forward without grad, the student and its
+- ``live``: step 2 as :mod:`vlsi.train.interact` runs it: the teacher forward without grad, the student and its
   verbalizers with their graph, the matching scores and the chunked losses, backward, AdamW;
 - ``cached``: the same step with the teacher read from top-``--k-time`` buckets, measured after the
   teacher's weights are freed (glibc is told to return large blocks, so the resident set drops with them);
@@ -51,8 +51,8 @@ KS = (16, 64, 256)
 def _build(lm, layers, seed: int, device: str):
     """A random-weight model and trained-looking verbalizers (a non-zero FFN; an untrained one is the logit
     lens), the same for the same seed."""
-    from vlsi.backbone import Backbone
-    from vlsi.verbalizer import VerbalizerConfig, build_verbalizers
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.verbalizer import VerbalizerConfig, build_verbalizers
 
     backbone = Backbone(vl.build_model(lm, seed, device))
     torch.manual_seed(seed + 2)
@@ -60,7 +60,7 @@ def _build(lm, layers, seed: int, device: str):
 
 
 def _interaction(student, verbalizers, chunk: int):
-    from vlsi.interact import InteractConfig, InteractingStudent
+    from vlsi.train.interact import InteractConfig, InteractingStudent
 
     cfg = InteractConfig(student="", student_verbalizers="", data="", out="", loss_chunk_tokens=chunk)
     return InteractingStudent(student.model, verbalizers, cfg)
@@ -70,9 +70,9 @@ def _interaction(student, verbalizers, chunk: int):
 def _teacher_dists(teacher, t_verb, batch, k: int, chunk: int, width: int) -> dict:
     """What ``vlsi teacher-cache`` computes per batch: the teacher forward, then the top-k of every target
     layer and of the output, stored as float16 log-probabilities."""
-    from vlsi.interact import Reader, teacher_response_states
-    from vlsi.sparse import SparseDist
-    from vlsi.teacher_cache_build import TeacherCacheConfig, _topk
+    from vlsi.losses.sparse import SparseDist
+    from vlsi.train.interact import Reader, teacher_response_states
+    from vlsi.train.teacher_cache_build import TeacherCacheConfig, _topk
 
     cfg = TeacherCacheConfig(teacher="", teacher_verbalizers="", data="", out="", top_k=k, chunk_tokens=chunk)
     states = teacher_response_states(teacher, t_verb.layers, batch)
@@ -105,9 +105,9 @@ def _stepper(args, loss_fn, optimizer, batch):
 
 
 def _write(dists: dict, k: int, root: Path) -> dict:
-    """The batch as one record of a real shard (vlsi.teacher_cache_build), float16 log-probabilities."""
-    from vlsi.teacher_cache import bytes_per_token
-    from vlsi.teacher_cache_build import _write_shard
+    """The batch as one record of a real shard (vlsi.train.teacher_cache_build), float16 log-probabilities."""
+    from vlsi.train.teacher_cache import bytes_per_token
+    from vlsi.train.teacher_cache_build import _write_shard
 
     path = root / f"shard-k{k}.safetensors"
     row = {"record_hash": torch.zeros(8, dtype=torch.uint8), "token_hash": torch.zeros(8, dtype=torch.uint8)}
@@ -122,11 +122,11 @@ def _write(dists: dict, k: int, root: Path) -> dict:
 @torch.no_grad()
 def _agreement(args, student, s_verb, teacher, t_verb, batch, cached: dict) -> dict:
     """Live vs cached scores, matches and losses on the same batch, at every k."""
-    from vlsi.chunked import head_weight, score_matrix
-    from vlsi.interact import Reader, teacher_response_states
-    from vlsi.matching import MatchingConfig, match_layers
-    from vlsi.sparse import sparse_score_matrix
-    from vlsi.verbalizer import response_states
+    from vlsi.losses.chunked import head_weight, score_matrix
+    from vlsi.losses.matching import MatchingConfig, match_layers
+    from vlsi.losses.sparse import sparse_score_matrix
+    from vlsi.model.verbalizer import response_states
+    from vlsi.train.interact import Reader, teacher_response_states
 
     read = Reader(teacher, t_verb)
     live = teacher_response_states(teacher, t_verb.layers, batch)
@@ -167,9 +167,9 @@ def _agreement(args, student, s_verb, teacher, t_verb, batch, cached: dict) -> d
 def run(args) -> dict:
     """Every measurement in this one process, in the order that lets each peak hold only its own models:
     the teacher's side and the live step first, then, the teacher freed, the cached and student-only steps."""
-    from vlsi.chunked import LABELS, Term, head_losses, head_weight
-    from vlsi.interact import Reader, teacher_response_states
-    from vlsi.verbalizer import response_states
+    from vlsi.losses.chunked import LABELS, Term, head_losses, head_weight
+    from vlsi.model.verbalizer import response_states
+    from vlsi.train.interact import Reader, teacher_response_states
 
     if args.device == "cpu":
         with contextlib.suppress(OSError):
@@ -327,7 +327,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (preset quick)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    from vlsi.chunked import DEFAULT_CHUNK_TOKENS
+    from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS
 
     args.preset = "quick" if args.quick else args.preset or ("gpu" if args.device == "cuda" else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     summary = run(args)
     print_summary(summary)
     if args.out:
-        from vlsi.teacher_cache import write_json_atomic
+        from vlsi.train.teacher_cache import write_json_atomic
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

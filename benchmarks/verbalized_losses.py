@@ -9,10 +9,10 @@ cpu``: student 512 x 8 layers, teacher 1024 x 16; ``--preset gpu``: Qwen2-VL-2B'
 sizes, the 7B head padded to 152,064 rows as in the real checkpoints). On one batch of ``--tokens`` response
 tokens (after a short prompt) it times one optimizer step of
 
-- ``sft``: the student's step 3, the model's own logits and response cross-entropy (:mod:`vlsi.sft`);
+- ``sft``: the student's step 3, the model's own logits and response cross-entropy (:mod:`vlsi.train.sft`);
 - ``interact``: step 2, the teacher forward without grad, the student with its verbalizers, matching and
-  the losses of :class:`vlsi.interact.InteractingStudent` (``reference`` and ``chunked``);
-- ``verbalize``: step 1, the frozen student's states and :class:`vlsi.verbalize.VerbalizedLoss`;
+  the losses of :class:`vlsi.train.interact.InteractingStudent` (``reference`` and ``chunked``);
+- ``verbalize``: step 1, the frozen student's states and :class:`vlsi.train.verbalize.VerbalizedLoss`;
 
 each also ``off``: the same step with the verbalized losses replaced by a head-free loss on the same
 states, so that "extra memory" (the peak of forward and backward above the step's starting point, minus
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from vlsi.data import IGNORE_INDEX  # noqa: E402
+from vlsi.data.records import IGNORE_INDEX  # noqa: E402
 
 IMPLS = ("off", "reference", "chunked")
 # Approximate elementwise ops per [token, vocabulary] element, for the FLOP count: a log-softmax reads,
@@ -100,7 +100,7 @@ PRESETS = {
 def qwen2_vl_config(lm: LM):
     from transformers import Qwen2VLConfig
 
-    from vlsi.tiny import mrope_sections
+    from vlsi.model.tiny import mrope_sections
 
     mrope = mrope_sections(lm.hidden // lm.heads // 2)
     text = dict(
@@ -261,9 +261,9 @@ class Steps:
     def __init__(
         self, preset: Preset, device: str, dtype: str, chunk: int, models: Path | None, batch: int = 1
     ):
-        from vlsi.backbone import Backbone
-        from vlsi.interact import Reader
-        from vlsi.verbalizer import VerbalizerConfig, build_verbalizers
+        from vlsi.model.backbone import Backbone
+        from vlsi.model.verbalizer import VerbalizerConfig, build_verbalizers
+        from vlsi.train.interact import Reader
 
         self.preset, self.device, self.chunk, self.batch = preset, device, chunk, batch
         self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == "bf16")
@@ -273,7 +273,7 @@ class Steps:
             load = Qwen2VLForConditionalGeneration.from_pretrained
             student, teacher = (load(models / name, dtype=torch.float32) for name in ("student", "teacher"))
         else:
-            # The frozen teacher in bf16 when training in bf16, as vlsi.interact loads it.
+            # The frozen teacher in bf16 when training in bf16, as vlsi.train.interact loads it.
             t_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
             student, teacher = (
                 build_model(preset.student, 0, device),
@@ -300,10 +300,10 @@ class Steps:
     def prepare(self, kind: str, impl: str, optimizer=None):
         """(step function, optimizer) for one configuration; step(batch) runs forward, backward, update.
         ``optimizer``: one to reuse (its state kept), else a new one."""
-        from vlsi.interact import InteractConfig, InteractingStudent, teacher_response_states
-        from vlsi.losses import response_cross_entropy
-        from vlsi.verbalize import VerbalizedLoss
-        from vlsi.verbalizer import response_states
+        from vlsi.losses.tokens import response_cross_entropy
+        from vlsi.model.verbalizer import response_states
+        from vlsi.train.interact import InteractConfig, InteractingStudent, teacher_response_states
+        from vlsi.train.verbalize import VerbalizedLoss
 
         model, layers = self.student.model, self.verbalizers.layers
         last = self.student.num_layers - 1
@@ -615,7 +615,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from vlsi.chunked import DEFAULT_CHUNK_TOKENS
+    from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS
 
     args.preset = "quick" if args.quick else args.preset or ("gpu" if args.device == "cuda" else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")

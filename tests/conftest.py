@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlsi.synth import SynthConfig, generate
-from vlsi.tiny import TinyConfig
-from vlsi.tiny_models import build_tiny
+from vlsi.data.synth import SynthConfig, generate
+from vlsi.model.tiny import TinyConfig
+from vlsi.model.tiny_models import build_tiny
 
 # The tiny models' ops are far too small to gain from a second thread. On a quiet 2-core machine the thread
 # count makes no difference; with another job on one core, torch's default of two threads made these tests
@@ -29,7 +29,7 @@ def synth_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor(tiny_models):
-    from vlsi.processing import VLProcessor
+    from vlsi.data.processing import VLProcessor
 
     return VLProcessor.from_pretrained(tiny_models["teacher"])
 
@@ -40,9 +40,9 @@ def verbalizers(tiny_models, tmp_path_factory):
     drive the matching and the losses of step 2."""
     import torch
 
-    from vlsi.backbone import Backbone
-    from vlsi.models import load_model
-    from vlsi.verbalizer import base_model_info, build_verbalizers
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import load_model
+    from vlsi.model.verbalizer import base_model_info, build_verbalizers
 
     root = tmp_path_factory.mktemp("verbalizers")
     paths = {}
@@ -78,7 +78,7 @@ FAMILY_SIZES = {
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory):
     """``family -> {"teacher": path, "student": path}``, each family's pair built on first use."""
-    from vlsi.tiny import LMSize
+    from vlsi.model.tiny import LMSize
 
     built = {}
 

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
-# Where the training loop of every step (vlsi.training) looks up the optimizer step.
-STEP_MODULES = ("vlsi.training",)
+# Where the training loop of every step (vlsi.train.training) looks up the optimizer step.
+STEP_MODULES = ("vlsi.train.training",)
 
 
 @contextmanager
@@ -67,7 +67,7 @@ def probe(dump_path):
 
 
 if __name__ == "__main__":
-    from vlsi.cli import main
+    from vlsi.run.cli import main
 
     with probe(sys.argv[1]):
         code = main(sys.argv[2:])

@@ -1,11 +1,11 @@
 """Under ``torchrun`` (gloo on CPU): the frozen teacher sharded as under FSDP2 reads the same as the whole one.
 
 ``python -m torch.distributed.run --nproc_per_node 2 shard_probe.py TEACHER VERBALIZERS DATA RESULT.json``
-loads the teacher twice, whole and through :func:`vlsi.engines.shard_frozen_layers`, runs both on the same
+loads the teacher twice, whole and through :func:`vlsi.train.engines.shard_frozen_layers`, runs both on the same
 batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fraction", "head_whole",
 "export_diff", "sharded_after_export"}``: how far apart every verbalizer's and the final layer's logits are,
 what share of a decoder layer's weights a process still holds after the forward, whether the language head
-stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.engines.whole_weights`
+stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.train.engines.whole_weights`
 is from the whole model's, and whether the layers are sharded again afterwards.
 """
 
@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from vlsi.backbone import Backbone
-from vlsi.data import ChatDataset, Encoder, collate
-from vlsi.engines import shard_frozen_layers, whole_weights
-from vlsi.models import load_model
-from vlsi.processing import VLProcessor
-from vlsi.verbalizer import Verbalizers
+from vlsi.data.processing import VLProcessor
+from vlsi.data.records import ChatDataset, Encoder, collate
+from vlsi.model.backbone import Backbone
+from vlsi.model.loading import load_model
+from vlsi.model.verbalizer import Verbalizers
+from vlsi.train.engines import shard_frozen_layers, whole_weights
 
 
 @torch.no_grad()

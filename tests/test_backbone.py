@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_families import IMAGE_TOKEN_ID, MAX_PARAMS, TINY, build
 
-from vlsi.backbone import FAMILIES, Backbone, family_for, get_module, parse_layers, target_layers
+from vlsi.model.backbone import FAMILIES, Backbone, family_for, get_module, parse_layers, target_layers
 
 ALL = sorted(TINY)
 # Families whose layer outputs are the residual stream itself, so HF's `output_hidden_states` must agree.

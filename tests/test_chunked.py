@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from written_out import divergence_by_hand
 
-from vlsi.chunked import LABELS, Term, head_losses, head_weight, score_matrix
-from vlsi.divergences import DIVERGENCES, divergence, log_prob_divergence, shared_vocab
+from vlsi.losses.chunked import LABELS, Term, head_losses, head_weight, score_matrix
+from vlsi.losses.divergences import DIVERGENCES, divergence, log_prob_divergence, shared_vocab
 
 N, D_S, D_T, V_S, V_T = 13, 8, 12, 37, 41  # the teacher head has 4 padding rows beyond the shared 37
 # One chunk, uneven chunks, one token at a time, and a chunk larger than N.
@@ -151,11 +151,11 @@ def test_bias_heads_and_bad_terms_are_refused():
 
 @pytest.fixture(scope="module")
 def tiny_step(tiny_models, processor, synth_data):
-    from vlsi.backbone import Backbone
-    from vlsi.data import ChatDataset, Encoder, collate
-    from vlsi.interact import Reader, teacher_response_states
-    from vlsi.models import load_model
-    from vlsi.verbalizer import VerbalizerConfig, build_verbalizers
+    from vlsi.data.records import ChatDataset, Encoder, collate
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import load_model
+    from vlsi.model.verbalizer import VerbalizerConfig, build_verbalizers
+    from vlsi.train.interact import Reader, teacher_response_states
 
     student = load_model(tiny_models["student"], dtype=torch.float32)
 
@@ -197,7 +197,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS)
 def test_interaction_loss_chunked_equals_reference(tiny_step, options):
-    from vlsi.interact import InteractConfig, InteractingStudent
+    from vlsi.train.interact import InteractConfig, InteractingStudent
 
     results = {}
     for impl, chunk in (("reference", 1), ("chunked", 5), ("chunked", 1000)):
@@ -239,7 +239,7 @@ def test_interaction_loss_chunked_equals_reference(tiny_step, options):
 
 @pytest.mark.parametrize("chunk", [3, 1000])
 def test_verbalized_loss_chunked_equals_reference(tiny_step, chunk):
-    from vlsi.verbalize import VerbalizedLoss, freeze
+    from vlsi.train.verbalize import VerbalizedLoss, freeze
 
     results = []
     for chunk_tokens in (None, chunk):

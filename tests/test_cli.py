@@ -7,10 +7,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
-from vlsi.cli import main
-from vlsi.data import Encoder, load_records
-from vlsi.evaluate import generate_answers
-from vlsi.processing import VLProcessor
+from vlsi.data.processing import VLProcessor
+from vlsi.data.records import Encoder, load_records
+from vlsi.run.cli import main
+from vlsi.run.evaluate import generate_answers
 
 
 def _sft(model, data, out, options: str) -> list[str]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.data import (
+from vlsi.data.records import (
     IGNORE_INDEX,
     BatchStream,
     ChatDataset,
@@ -98,7 +98,7 @@ def test_dataset_skips_and_counts_bad_records_with_a_named_warning(processor, fo
     path = folder / "data.json"
     path.write_text(json.dumps(records))
     ds = ChatDataset(path, Encoder(processor))
-    with caplog.at_level(logging.WARNING, logger="vlsi.data"):
+    with caplog.at_level(logging.WARNING, logger="vlsi.data.records"):
         items = [ds[i] for i in range(len(ds))] + [ds[1]]  # a second visit must not double count
     assert items[0] is not None and items[1] is None and items[2] is None
     assert ds.skips.total == 2

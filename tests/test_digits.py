@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.digits import BACKGROUND, SKILLS, DigitsConfig, generate, render
-from vlsi.vision_pretrain import VisionPretrainConfig, _column_labels, pretrain_vision
+from vlsi.data.digits import BACKGROUND, SKILLS, DigitsConfig, generate, render
+from vlsi.train.vision_pretrain import VisionPretrainConfig, _column_labels, pretrain_vision
 
 
 def test_skill_answers_on_hand_made_digits():
@@ -101,7 +101,7 @@ def test_stage0_gives_both_models_one_trained_encoder(tmp_path, tiny_models):
         )
     )
     assert summary["steps"] == 3 and summary["student_probe_loss"] > 0
-    from vlsi.models import load_model
+    from vlsi.model.loading import load_model
 
     before, teacher, student = (
         load_model(p, dtype=torch.float32) for p in (tiny_models["teacher"], out / "teacher", out / "student")
@@ -131,7 +131,7 @@ def test_stage0_refuses_data_without_digits(tmp_path, tiny_models, synth_data):
 
 
 def test_sft_writes_a_learning_curve(tmp_path, tiny_models):
-    from vlsi.sft import SFTConfig, train_sft
+    from vlsi.train.sft import SFTConfig, train_sft
 
     generate(DigitsConfig(out=str(tmp_path / "d"), train=12, test=2, val=3, seed=2))
     cfg = SFTConfig(
@@ -151,7 +151,7 @@ def test_sft_writes_a_learning_curve(tmp_path, tiny_models):
 
 
 def test_report_figures(tmp_path):
-    from vlsi.figures import plot_curves, plot_skills
+    from vlsi.run.figures import plot_curves, plot_skills
 
     results = {
         m: {

@@ -12,10 +12,10 @@ import time
 import pytest
 import yaml
 
-from vlsi.cli import main
-from vlsi.distill import MODELS, TINY_PRESET, DistillConfig, check_config, control_budget, record_config
-from vlsi.interact import InteractSettings
-from vlsi.sft import SFTSettings
+from vlsi.run.cli import main
+from vlsi.run.distill import MODELS, TINY_PRESET, DistillConfig, check_config, control_budget, record_config
+from vlsi.train.interact import InteractSettings
+from vlsi.train.sft import SFTSettings
 
 # Every step of the built-in setting shrunk to a few updates on a few records.
 SMALL = (
@@ -36,7 +36,7 @@ def test_control_budget_matches_steps_2_and_3():
 
 def test_tiny_preset_names_only_real_options():
     # A typo in the preset would only surface when a user runs `vlsi distill`; build it here.
-    from vlsi.config import build_config
+    from vlsi.run.config import build_config
 
     cfg = build_config(DistillConfig, object(), TINY_PRESET)
     assert cfg.controls and cfg.interact.max_steps == TINY_PRESET["interact"]["max_steps"]
@@ -138,7 +138,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
 
 
 def test_tiny_preset_applies_only_without_a_teacher():
-    from vlsi.cli import _default_values
+    from vlsi.run.cli import _default_values
 
     assert _default_values("distill", argparse.Namespace(teacher=None)) is TINY_PRESET
     assert _default_values("distill", argparse.Namespace(teacher="Qwen/Qwen2-VL-72B-Instruct")) is None
@@ -146,7 +146,7 @@ def test_tiny_preset_applies_only_without_a_teacher():
 
 def _distill(out) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "vlsi.cli", "distill", "--out", str(out), *SMALL]
+    cmd = [sys.executable, "-m", "vlsi.run.cli", "distill", "--out", str(out), *SMALL]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from grad_probe import probe
 
-from vlsi.cli import main
-from vlsi.export import is_exported
+from vlsi.model.export import is_exported
+from vlsi.run.cli import main
 
 # Each test launches processes of its own and runs for minutes on a CPU.
 pytestmark = pytest.mark.slow

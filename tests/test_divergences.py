@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from vlsi.divergences import (
+from vlsi.losses.divergences import (
     DIVERGENCES,
     ce_to_teacher,
     divergence,
@@ -15,7 +15,7 @@ from vlsi.divergences import (
     reverse_kl,
     shared_vocab,
 )
-from vlsi.models import check_same_tokenizer
+from vlsi.model.loading import check_same_tokenizer
 
 # Hand-made distributions: logits = log-probabilities, so softmax gives them back exactly.
 P = [0.5, 0.5]

@@ -1,4 +1,4 @@
-from vlsi.evaluate import is_correct, normalize, options, summarize
+from vlsi.run.evaluate import is_correct, normalize, options, summarize
 
 MC = "What is missing?\nA. red circle\nB. blue square\nC. green cross\nAnswer with the letter."
 

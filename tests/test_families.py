@@ -15,13 +15,13 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from vlsi.backbone import Backbone
-from vlsi.cli import main
-from vlsi.data import Encoder, load_records
-from vlsi.distill import MODELS
-from vlsi.evaluate import generate_answers
-from vlsi.processing import VLProcessor
-from vlsi.tiny import count_parameters
+from vlsi.data.processing import VLProcessor
+from vlsi.data.records import Encoder, load_records
+from vlsi.model.backbone import Backbone
+from vlsi.model.tiny import count_parameters
+from vlsi.run.cli import main
+from vlsi.run.distill import MODELS
+from vlsi.run.evaluate import generate_answers
 
 STOCK_CLASS = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,

@@ -19,8 +19,10 @@ def _type_checking_block(node: ast.AST) -> bool:
     )
 
 
-def _imported_modules(tree: ast.AST, modules: set[str]) -> set[str]:
-    """The vlsi modules a module imports anywhere in its body, except under ``if TYPE_CHECKING:`` (never run)."""
+def _imported_modules(tree: ast.AST, modules: set[str], package: str) -> set[str]:
+    """The vlsi modules (dotted, below ``vlsi``: ``data.records``) a module imports anywhere in its body, except
+    under ``if TYPE_CHECKING:`` (never run). ``package`` is the importing module's own package, for relative
+    imports."""
     found: set[str] = set()
     stack = [tree]
     while stack:
@@ -28,23 +30,40 @@ def _imported_modules(tree: ast.AST, modules: set[str]) -> set[str]:
         if _type_checking_block(node):
             stack.extend(node.orelse)
             continue
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            parts = node.module.split(".")
-            if parts[0] == "vlsi":
-                # `from vlsi import x` imports module x when x is one.
-                found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names} & modules
-        elif isinstance(node, ast.ImportFrom) and node.level > 0:
-            found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and (
+            node.level > 0 or (node.module or "").split(".")[0] == "vlsi"
+        ):
+            if node.level > 0:
+                base = ["vlsi", *package.split(".")] if package else ["vlsi"]
+                base = base[: len(base) - (node.level - 1)]
+                parts = base + (node.module.split(".") if node.module else [])
+            else:
+                parts = node.module.split(".")
+            name = ".".join(parts[1:])
+            # `from vlsi.data import records` imports module data.records when that is one.
+            found |= {name} | {f"{name}.{a.name}".lstrip(".") for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("vlsi.")}
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("vlsi.")}
         stack.extend(ast.iter_child_nodes(node))
     return found & modules
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    files = {p.stem: p for p in package.glob("*.py")}
+    """Every module of the package and its subpackages (``__init__`` files as their package), by dotted name
+    below ``vlsi``."""
+    files = {}
+    for p in package.rglob("*.py"):
+        parts = p.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            files[".".join(parts)] = p
     modules = set(files)
-    return {m: _imported_modules(ast.parse(p.read_text()), modules) - {m} for m, p in files.items()}
+    graph = {}
+    for m, p in files.items():
+        own_package = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        graph[m] = _imported_modules(ast.parse(p.read_text()), modules, own_package) - {m}
+    return graph
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -78,8 +97,14 @@ def test_the_cycle_finder_finds_one():
 
 def test_the_graph_sees_lazy_imports():
     graph = import_graph()
-    assert "distill" in graph["cli"]  # imported inside _commands() only
-    assert "plan" not in graph["memory"]  # only under TYPE_CHECKING
+    assert "run.distill" in graph["run.cli"]  # imported inside _commands() only
+    assert "run.plan" not in graph["run.memory"]  # only under TYPE_CHECKING
+    assert "data.records" in graph["losses.tokens"]  # a module in another subpackage
+
+
+def test_the_graph_holds_every_module_of_every_subpackage():
+    graph = import_graph()
+    assert {"data.records", "model.backbone", "losses.chunked", "train.training", "run.cli"} <= set(graph)
 
 
 def test_no_import_cycles_in_the_package():

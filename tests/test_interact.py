@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2VLForConditionalGeneration
 
-from vlsi.cli import main
+from vlsi.run.cli import main
 
 STEPS = 4
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsi.data import IGNORE_INDEX
-from vlsi.losses import count_response_tokens, response_cross_entropy, shift_labels
-from vlsi.optim import cosine_with_warmup
+from vlsi.data.records import IGNORE_INDEX
+from vlsi.losses.tokens import count_response_tokens, response_cross_entropy, shift_labels
+from vlsi.train.optim import cosine_with_warmup
 
 
 def test_shift_labels_aligns_each_logit_with_the_next_token():

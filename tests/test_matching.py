@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vlsi.matching import (
+from vlsi.losses.matching import (
     ABLATION_LADDER,
     MatchingConfig,
     match_counts,

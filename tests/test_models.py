@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlsi.cli import main
-from vlsi.lora import apply_lora
-from vlsi.memory import lora_parameters
-from vlsi.models import load_model, resolve_model
+from vlsi.model.loading import load_model, resolve_model
+from vlsi.model.lora import apply_lora
+from vlsi.run.cli import main
+from vlsi.run.memory import lora_parameters
 
 
 def test_a_mistyped_model_folder_is_named_as_one(tmp_path, synth_data, capsys):

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlsi.checkpointing import STATE_FILE, CheckpointManager
-from vlsi.cli import main
-from vlsi.data import BatchStream
-from vlsi.export import is_exported
-from vlsi.processing import VLProcessor
-from vlsi.runtime import Batch, NonFiniteError, check_finite, make_accelerator
+from vlsi.data.processing import VLProcessor
+from vlsi.data.records import BatchStream
+from vlsi.model.export import is_exported
+from vlsi.run.cli import main
+from vlsi.train.checkpointing import STATE_FILE, CheckpointManager
+from vlsi.train.runtime import Batch, NonFiniteError, check_finite, make_accelerator
 
 POISON = "~"
 BATCH, SEED, BAD_STEP = 4, 0, 3

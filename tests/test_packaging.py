@@ -50,7 +50,7 @@ def test_the_installed_wheel_plans_a_bundled_recipe_from_anywhere(tmp_path):
     ).stdout.strip()
     assert Path(where).is_relative_to(site)
     plan = subprocess.run(
-        [sys.executable, "-m", "vlsi.cli", "plan", "qwen2vl-72b-to-2b", "--gpus", "8"],
+        [sys.executable, "-m", "vlsi.run.cli", "plan", "qwen2vl-72b-to-2b", "--gpus", "8"],
         cwd=elsewhere,
         env=env,
         capture_output=True,

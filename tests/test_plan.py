@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlsi.backbone import parse_layers
-from vlsi.cli import main
-from vlsi.config import build_config
-from vlsi.distill import DistillConfig
-from vlsi.interact import InteractConfig
-from vlsi.memory import GIB, estimate_memory
-from vlsi.plan import (
+from vlsi.model.backbone import parse_layers
+from vlsi.run.cli import main
+from vlsi.run.config import build_config
+from vlsi.run.distill import DistillConfig
+from vlsi.run.memory import GIB, estimate_memory
+from vlsi.run.plan import (
     PlanConfig,
     block_centres,
     check_pair,
@@ -28,8 +27,9 @@ from vlsi.plan import (
     make_plan,
     summarize,
 )
-from vlsi.sft import SFTConfig
-from vlsi.verbalize import VerbalizeConfig
+from vlsi.train.interact import InteractConfig
+from vlsi.train.sft import SFTConfig
+from vlsi.train.verbalize import VerbalizeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
@@ -65,10 +65,10 @@ def _each_bundled_model_summarized_once(monkeypatch):
     """A summary is a meta-device build of the whole model (up to 80 layers, ~0.2 s): `vlsi plan` and
     make_plan reuse the module's one summary of each bundled model; local folders, which tests edit, are
     summarized afresh."""
-    import vlsi.plan
+    import vlsi.run.plan
 
     monkeypatch.setattr(
-        vlsi.plan,
+        vlsi.run.plan,
         "summarize",
         lambda name: _bundled_summary(name) if name in REAL_TOTALS else summarize(name),
     )
@@ -130,7 +130,7 @@ def test_bundled_configs_rebuild_the_real_models(summaries):
 
 
 def test_verbalizers_of_the_7b_student_are_the_papers_269m(summaries):
-    from vlsi.memory import verbalizer_parameters
+    from vlsi.run.memory import verbalizer_parameters
 
     layers = list(range(2, 28, 4))
     n = verbalizer_parameters(summaries[QWEN_7B].backbone, layers)

@@ -21,8 +21,8 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from vlsi.data import Encoder, collate, to_messages
-from vlsi.processing import VLProcessor, check_pair
+from vlsi.data.processing import VLProcessor, check_pair
+from vlsi.data.records import Encoder, collate, to_messages
 
 STOCK = {
     "qwen2_vl": Qwen2VLProcessor,
@@ -139,7 +139,7 @@ def test_the_model_reads_as_many_features_as_placeholders(family, family_models,
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_image_the_processor_refuses_is_a_skipped_counted_record(family, family_models, tmp_path):
-    from vlsi.data import ChatDataset
+    from vlsi.data.records import ChatDataset
 
     processor = VLProcessor.from_pretrained(family_models(family)["student"])
     good, thin = record(tmp_path, [(48, 48)], "good"), record(tmp_path, [(300, 1)], "thin")

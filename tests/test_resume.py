@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlsi.cli import main
-from vlsi.export import is_exported
+from vlsi.model.export import is_exported
+from vlsi.run.cli import main
 
 STEPS, SAVE_EVERY = 4, 1
 
@@ -42,7 +42,10 @@ def _kill_after_first_checkpoint(args: list[str], out) -> int:
     """Starts ``vlsi`` in a subprocess, SIGKILLs it as soon as a checkpoint is complete; the step it died in."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlsi.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "vlsi.run.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     first = out / "checkpoints" / f"step-{SAVE_EVERY:07d}" / "state.json"
     deadline = time.monotonic() + 180

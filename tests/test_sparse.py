@@ -1,13 +1,13 @@
-"""The cached teacher's top-k + tail divergences (vlsi.sparse) against the dense ones they approximate."""
+"""The cached teacher's top-k + tail divergences (vlsi.losses.sparse) against the dense ones they approximate."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from written_out import divergence_by_hand
 
-from vlsi.chunked import Term, head_losses, score_matrix
-from vlsi.divergences import DIVERGENCES
-from vlsi.sparse import SparseDist, sparse_from_logits, sparse_score_matrix
+from vlsi.losses.chunked import Term, head_losses, score_matrix
+from vlsi.losses.divergences import DIVERGENCES
+from vlsi.losses.sparse import SparseDist, sparse_from_logits, sparse_score_matrix
 
 N, D_S, D_T, V_S, V_T = 11, 8, 12, 37, 41
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -63,7 +63,7 @@ def test_scores_at_k_equal_to_the_vocabulary_are_the_dense_scores(name):
 
 def _bucketed_reference(op, dist, s_logits, tau, beta):
     """The k + 1-outcome divergence written out with autograd over the whole [N, V] logits: both sides'
-    buckets and the divergence formula built here, none of them taken from vlsi.sparse or vlsi.divergences."""
+    buckets and the divergence formula built here, none of them taken from vlsi.losses.sparse or vlsi.losses.divergences."""
     log_ps = F.log_softmax(s_logits / tau, -1)
     mask = torch.zeros_like(log_ps, dtype=torch.bool).scatter_(1, dist.ids, True)
     rest = torch.logsumexp(log_ps.masked_fill(mask, float("-inf")), -1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlsi.synth import BACKGROUND, COLOURS, SynthConfig, generate
+from vlsi.data.synth import BACKGROUND, COLOURS, SynthConfig, generate
 
 GRID, CELL = 3, 16
 # Written out here rather than imported, so a mix-up in the module's position naming shows up as a

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlsi.cli import main
-from vlsi.teacher_cache import INDEX_FILE, TeacherCache, bytes_per_token, shard_path
+from vlsi.run.cli import main
+from vlsi.train.teacher_cache import INDEX_FILE, TeacherCache, bytes_per_token, shard_path
 
 FULL_K = 4096  # above the tiny vocabulary: every id kept, no tail bucket
 
@@ -49,7 +49,7 @@ def test_the_cache_holds_every_response_token_of_every_layer(full_cache, synth_d
     # The files hold what the index says, plus the small per-record tensors and headers.
     assert index["response_tokens"] * index["bytes_per_token"] <= index["bytes"]
     assert index["bytes"] < 1.05 * index["response_tokens"] * index["bytes_per_token"]
-    from vlsi.data import ChatDataset, Encoder
+    from vlsi.data.records import ChatDataset, Encoder
 
     dataset = ChatDataset(synth_data / "train.json", Encoder(processor))
     teacher = cache.teacher_for(dataset, 5, dataset[5])
@@ -121,14 +121,14 @@ def test_at_k_64_the_matches_agree_on_nearly_every_draw(
     # The default cache (top-64 of the tiny vocabulary, float16 log-probabilities, a tail bucket) scored
     # against the live teacher on the same batches, as step 2 scores them: the matched layers drawn with
     # the same seeds.
-    from vlsi.backbone import Backbone
-    from vlsi.chunked import head_weight, score_matrix
-    from vlsi.data import BatchStream, ChatDataset, Encoder
-    from vlsi.interact import Reader, teacher_response_states
-    from vlsi.matching import MatchingConfig, match_layers
-    from vlsi.models import load_model
-    from vlsi.sparse import sparse_score_matrix
-    from vlsi.verbalizer import Verbalizers, response_states
+    from vlsi.data.records import BatchStream, ChatDataset, Encoder
+    from vlsi.losses.chunked import head_weight, score_matrix
+    from vlsi.losses.matching import MatchingConfig, match_layers
+    from vlsi.losses.sparse import sparse_score_matrix
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import load_model
+    from vlsi.model.verbalizer import Verbalizers, response_states
+    from vlsi.train.interact import Reader, teacher_response_states
 
     out = tmp_path / "k64"
     assert main(_cache_args(tiny_models, verbalizers, synth_data / "train.json", out)) == 0
@@ -239,8 +239,8 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
 
 
 def test_distill_builds_the_cache_once_after_step_1(tmp_path, tiny_models, verbalizers, synth_data):
-    from vlsi.distill import DistillConfig, Distiller
-    from vlsi.interact import InteractSettings
+    from vlsi.run.distill import DistillConfig, Distiller
+    from vlsi.train.interact import InteractSettings
 
     cache = tmp_path / "cache"
     cfg = DistillConfig(out=str(tmp_path / "run"), interact=InteractSettings(teacher_cache=str(cache)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
-from vlsi.tiny import TinyConfig, build_config, build_tokenizer, count_parameters
+from vlsi.model.tiny import TinyConfig, build_config, build_tokenizer, count_parameters
 
 
 def test_tiny_models_are_tiny_and_shaped_like_the_family(tiny_models):
@@ -48,8 +48,8 @@ def test_checkpoint_files_are_the_ordinary_ones(tiny_models):
 
 
 def test_layer_states_through_the_output_head_give_the_models_logits(tiny_models, processor, synth_data):
-    from vlsi.backbone import Backbone
-    from vlsi.data import Encoder, collate, load_records
+    from vlsi.data.records import Encoder, collate, load_records
+    from vlsi.model.backbone import Backbone
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_models["teacher"]).eval()
     records = load_records(synth_data / "test.json")[:2]

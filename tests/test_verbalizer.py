@@ -8,22 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vlsi.backbone import Backbone
-from vlsi.cli import main
-from vlsi.data import ChatDataset, Encoder, collate
-from vlsi.losses import response_cross_entropy
-from vlsi.models import load_model
-from vlsi.sft import model_inputs
-from vlsi.verbalize import (
-    VerbalizeConfig,
-    _splits,
-    default_layers,
-    freeze,
-    measure_depth,
-    resolve_layers,
-    train_verbalizers,
-)
-from vlsi.verbalizer import (
+from vlsi.data.records import ChatDataset, Encoder, collate
+from vlsi.losses.tokens import response_cross_entropy
+from vlsi.model.backbone import Backbone
+from vlsi.model.loading import load_model
+from vlsi.model.verbalizer import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     VerbalizerConfig,
@@ -31,6 +20,17 @@ from vlsi.verbalizer import (
     base_model_info,
     build_verbalizers,
     verbalized_ce,
+)
+from vlsi.run.cli import main
+from vlsi.train.sft import model_inputs
+from vlsi.train.verbalize import (
+    VerbalizeConfig,
+    _splits,
+    default_layers,
+    freeze,
+    measure_depth,
+    resolve_layers,
+    train_verbalizers,
 )
 
 

@@ -1,4 +1,4 @@
-"""Each divergence written out from the probabilities, independently of :mod:`vlsi.divergences`: the
+"""Each divergence written out from the probabilities, independently of :mod:`vlsi.losses.divergences`: the
 reference the tests hold the library's one formula per divergence (``log_prob_divergence``) against."""
 
 from __future__ import annotations

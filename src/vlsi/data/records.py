@@ -1,0 +1,344 @@
+"""LLaVA-format visual-instruction data: reading, validation, encoding, collation.
+
+A record is ``{"id", "image": path | [paths] (optional), "conversations": [{"from", "value"}, ...]}``
+with ``<image>`` placeholders in the human turns. Records are rendered through the model's own chat
+template and labelled for the assistant turns only.
+
+Bad input policy: a file that is not valid JSON / JSONL fails at once with its line number (nothing
+could be trusted); a bad *record* (malformed conversation, missing or unreadable image, too long) is
+skipped with a warning naming it and counted, so a long run never dies on one record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vlsi.data.processing import VLProcessor
+
+IGNORE_INDEX = -100
+# Per-image (or per-record) tensors beside pixel_values, concatenated over a batch's records.
+IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+log = logging.getLogger("vlsi.data.records")
+
+
+class DataFileError(ValueError):
+    """The file as a whole cannot be read."""
+
+
+class RecordError(ValueError):
+    """One record cannot be used; it is skipped and counted under ``reason`` (a fixed label, while the
+    message names the specific file, turn or count)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Reads a JSON list or JSONL file; fails with the line number on invalid JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}:{lineno}: invalid JSONL line: {e.msg}") from None
+    if not isinstance(records, list):
+        raise DataFileError(f"{path}: expected a JSON list of records or JSONL")
+    return records
+
+
+def record_name(record, index: int) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"record {index}" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def image_paths(record: dict, base: Path) -> list[Path]:
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    image = record.get("image")
+    if image is None:
+        return []
+    items = image if isinstance(image, list) else [image]
+    if not all(isinstance(p, str) and p for p in items):
+        raise RecordError(f"'image' must be a path or a list of paths, got {image!r}", "bad image field")
+    return [base / p for p in items]
+
+
+def to_messages(record: dict, num_images: int) -> list[dict]:
+    """LLaVA conversations -> chat messages with typed content parts; validates the structure."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise RecordError("'conversations' is missing or empty")
+    messages = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise RecordError(f"turn {i} needs a string 'value'", "malformed turn")
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise RecordError(f"turn {i} has unknown speaker {turn.get('from')!r}", "unknown speaker")
+        messages.append({"role": role, "text": turn["value"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("no assistant ('gpt') turn")
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("last turn is not an assistant ('gpt') turn")
+    if any(not m["text"].strip() for m in messages if m["role"] == "assistant"):
+        raise RecordError("empty assistant turn")
+    placed = sum(m["text"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placed == 0 and num_images:
+        # LLaVA-style data often omits the placeholder for single-image records: the image leads.
+        first = next(m for m in messages if m["role"] == "user")
+        first["text"] = IMAGE_PLACEHOLDER * num_images + "\n" + first["text"]
+    elif placed != num_images:
+        raise RecordError(f"{placed} '<image>' placeholders but {num_images} images", "image count mismatch")
+    return [{"role": m["role"], "content": _content_parts(m["text"])} for m in messages]
+
+
+def _content_parts(text: str) -> list[dict]:
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i:
+            parts.append({"type": "image"})
+        if len(pieces) > 1:
+            # LLaVA's newline beside <image> only separates it; the template's vision tokens do that now.
+            piece = piece.strip("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def load_images(paths: list[Path]) -> list[Image.Image]:
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except FileNotFoundError:
+            raise RecordError(f"image not found: {p}", "image not found") from None
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise RecordError(f"unreadable image {p}: {e}", "unreadable image") from None
+    return images
+
+
+@dataclass
+class Encoder:
+    """Encodes records for training (labels on assistant turns) or prompting (generation)."""
+
+    processor: VLProcessor
+    max_length: int = 1024
+
+    def encode(self, record: dict, base: Path) -> dict:
+        paths = image_paths(record, base)
+        messages = to_messages(record, len(paths))
+        image_inputs, counts = self._images(paths)
+        full = self._expand(self.processor.render(messages), counts)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._expand(self.processor.render(messages[:k], add_generation_prompt=True), counts)
+            through = self._expand(self.processor.render(messages[: k + 1]), counts)
+            if not (full.startswith(through) and through.startswith(before)):
+                raise RecordError("chat template is not prefix-stable; cannot locate assistant turns")
+            # The label span is the reply and its end-of-turn token, not the trailing newline.
+            spans.append((len(before), len(through.rstrip())))
+        enc = self.processor.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if len(ids) > self.max_length:
+            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")
+        labels = [
+            tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+            for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+        return {**self._token_fields(ids), "labels": torch.tensor(labels), **image_inputs}
+
+    def encode_prompt(self, record: dict, base: Path) -> tuple[dict, str]:
+        """The record up to its last assistant turn as a generation prompt, and that turn's text."""
+        paths = image_paths(record, base)
+        messages = to_messages(record, len(paths))
+        answer = record["conversations"][-1]["value"]
+        image_inputs, counts = self._images(paths)
+        prompt = self._expand(self.processor.render(messages[:-1], add_generation_prompt=True), counts)
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_length:
+            raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")
+        return {**self._token_fields(ids), **image_inputs}, answer
+
+    def _images(self, paths: list[Path]) -> tuple[dict, list[int]]:
+        """The record's pixel tensors and placeholder count per image. An image the family's processor
+        refuses (say, far too thin for its resize rule) makes the record unusable, not the run."""
+        images = load_images(paths)
+        try:
+            image_inputs = self.processor.process_images(images)
+        except ValueError as e:
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise RecordError(
+                f"the {self.processor.model_type} image processor cannot take {[str(p) for p in paths]} "
+                f"({sizes} px): {e}",
+                "image rejected by the processor",
+            ) from None
+        return image_inputs, self.processor.image_token_counts(image_inputs)
+
+    def _token_fields(self, ids: list[int]) -> dict:
+        input_ids = torch.tensor(ids)
+        if not self.processor.token_types:
+            return {"input_ids": input_ids}
+        # transformers v5 places multimodal rotary positions by these types (1 = image token).
+        return {
+            "input_ids": input_ids,
+            "mm_token_type_ids": (input_ids == self.processor.image_token_id).long(),
+        }
+
+    def _expand(self, text: str, counts: list[int]) -> str:
+        n = text.count(self.processor.image_token)
+        return self.processor.expand_image_tokens(text, counts[:n])
+
+
+@dataclass
+class SkipLog:
+    """Counts skipped records by reason; warns once per record."""
+
+    counts: Counter = field(default_factory=Counter)
+    seen: set = field(default_factory=set)
+
+    def skip(self, source: str, index: int, record, error: Exception) -> None:
+        reason = getattr(error, "reason", None) or str(error)
+        if (source, index) not in self.seen:
+            self.seen.add((source, index))
+            self.counts[reason] += 1
+            log.warning("skipping %s of %s: %s", record_name(record, index), source, error)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        return {"skipped": self.total, "skipped_by_reason": dict(self.counts)}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Lazily encoded records; a bad record yields None (and is logged and counted)."""
+
+    def __init__(self, path: str | Path, encoder: Encoder, image_root: str | Path | None = None):
+        self.path = Path(path)
+        self.records = load_records(self.path)
+        self.base = Path(image_root) if image_root else self.path.parent
+        self.encoder = encoder
+        self.skips = SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict | None:
+        record = self.records[index]
+        try:
+            return self.encoder.encode(record, self.base)
+        except RecordError as e:
+            self.skips.skip(str(self.path), index, record, e)
+            return None
+
+
+def collate(items: list[dict | None], pad_id: int, padding_side: str = "right") -> dict | None:
+    """Pads a list of encoded records into a batch; drops skipped (None) records."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    for x in items:
+        x["attention_mask"] = torch.ones_like(x["input_ids"])
+    pad_values = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+    width = max(len(x["input_ids"]) for x in items)
+    batch = {}
+    for key, value in pad_values.items():
+        if key not in items[0]:
+            continue
+        rows = []
+        for x in items:
+            pad = width - len(x[key])
+            rows.append(F.pad(x[key], (0, pad) if padding_side == "right" else (pad, 0), value=value))
+        batch[key] = torch.stack(rows)
+    with_images = [x for x in items if "pixel_values" in x]
+    if with_images:
+        pixels = [x["pixel_values"] for x in with_images]
+        if pixels[0].dim() == 5:
+            # Tile stacks [images, tiles, C, H, W] (LLaVA-OneVision): zero tiles pad each to the longest,
+            # as the stock processor pads a batch; the model reads only each image's own tiles.
+            most = max(p.shape[1] for p in pixels)
+            pixels = [F.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+        batch["pixel_values"] = torch.cat(pixels)
+        for key in IMAGE_KEYS:
+            if key in with_images[0]:
+                batch[key] = torch.cat([x[key] for x in with_images])
+    return batch
+
+
+@dataclass
+class BatchStream:
+    """Endless, seeded, resumable order of record indices, sharded over processes.
+
+    Each step consumes ``batch_size * world`` indices of one epoch's permutation and process
+    ``rank`` takes its contiguous slice, so N processes x batch b see exactly the records that one
+    process x batch N*b would (the invariant the distributed tests check). The position
+    (epoch, cursor) is all a resume needs.
+    """
+
+    size: int
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0
+    cursor: int = 0
+
+    def __post_init__(self):
+        if self.size < self.batch_size * self.world:
+            raise ValueError(
+                f"dataset has {self.size} records, fewer than one global batch ({self.batch_size * self.world})"
+            )
+        self._perm_epoch = None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            self._perm = torch.randperm(self.size, generator=g)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_indices(self) -> list[int]:
+        span = self.batch_size * self.world
+        if self.cursor + span > self.size:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        start = self.cursor + self.rank * self.batch_size
+        indices = self._permutation()[start : start + self.batch_size].tolist()
+        self.cursor += span
+        return indices
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]

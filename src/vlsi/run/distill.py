@@ -1,0 +1,305 @@
+"""``vlsi distill``: VLsI steps 1 -> 2 -> 3 from one config, with evaluation and the controls.
+
+Step 1 trains verbalizers on the teacher and on the student (each backbone frozen); step 2 (interaction)
+trains the student's verbalized layers toward matched teacher layers; step 3 fine-tunes the result with
+the ordinary next-token loss and exports it as a plain checkpoint (``DIR/step3_sft``).
+
+With ``controls`` on (the built-in tiny setting's default) the same student base is also trained two other
+ways, each with the same number of student updates as VLsI's steps 2 + 3:
+
+- ``sft_control``: step-3 SFT only (the paper's control);
+- ``final_layer_kd``: step 2 with ``il=none, ll=kld`` (KD on the output logits only, what standard KD
+  frameworks do), then the same step 3. [design] It differs from VLsI only in the verbalized
+  intermediate layers, which is the contribution the control isolates.
+
+Every stage writes its outputs and then a marker file, so a rerun skips finished stages and the
+unfinished one resumes from its own checkpoints. With no teacher given the built-in tiny setting runs:
+synthetic data, tiny teacher and student bases trained by SFT (:mod:`vlsi.run.pipeline`), then all of the
+above. ``results.json`` and ``report.md`` hold the accuracy of each model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vlsi.data.processing import check_pair
+from vlsi.model.backbone import parse_layers
+from vlsi.model.export import is_exported
+from vlsi.run.figures import plot_curves, plot_skills, read_curve
+from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
+from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
+from vlsi.train.sft import SFTConfig, SFTSettings, train_sft
+from vlsi.train.teacher_cache import is_complete
+from vlsi.train.teacher_cache_build import TeacherCacheConfig, build_teacher_cache
+from vlsi.train.verbalize import VerbalizeConfig, VerbalizeSettings, train_verbalizers
+
+# results.json keys, in table order, with the label each gets in report.md.
+MODELS = {
+    "teacher": "teacher",
+    "student_base": "student base",
+    "sft_control": "student base + SFT only (same updates as steps 2+3)",
+    "final_layer_kd": "student base + final-layer KD (il=none, ll=kld) + step 3",
+    "vlsi_step2": "VLsI student after step 2 (interaction) only",
+    "vlsi": "VLsI student",
+}
+
+
+@dataclass
+class DistillConfig:
+    out: str = field(default="runs/distill", metadata={"help": "run directory"})
+    teacher: str = field(
+        default="", metadata={"help": "teacher checkpoint path or hub id; empty = the built-in tiny setting"}
+    )
+    student: str = field(default="", metadata={"help": "student checkpoint path or hub id"})
+    train_data: str = field(default="", metadata={"help": "LLaVA-format JSON/JSONL training file"})
+    test_data: str = field(
+        default="", metadata={"help": "LLaVA-format file every model is evaluated on (empty = no evaluation)"}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "image folder (default: each data file's); replaces the steps' own"}
+    )
+    teacher_layers: str = field(
+        default="", metadata={"help": "teacher target layers, e.g. '2,6,10' (empty = verbalize-train's rule)"}
+    )
+    student_layers: str = field(default="", metadata={"help": "student target layers (empty = the rule)"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of every step and of the tiny setting (replaces the steps' own)"}
+    )
+    controls: bool = field(
+        default=False, metadata={"help": "also train the SFT-only and final-layer-KD controls"}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "prompts generated together in evaluation"})
+    verbalize: VerbalizeSettings = field(default_factory=VerbalizeSettings)
+    interact: InteractSettings = field(default_factory=InteractSettings)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    tiny: TinySettings = field(default_factory=TinySettings)
+
+
+# The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
+# included, fits in 15 min on a quiet 2-core CPU (docs/tiny_setting.md). Flags still override any of it.
+TINY_PRESET: dict = {
+    "out": "runs/distill",
+    "controls": True,
+    "tiny": {"steps": 1000, "student_steps": 1000},
+    "verbalize": {"max_steps": 150, "batch_size": 32, "lr": 1e-3, "min_lr": 1e-5, "max_length": 256},
+    "interact": {
+        "max_steps": 150,
+        "batch_size": 32,
+        "lr": 2e-4,
+        "min_lr": 2e-6,
+        "warmup_steps": 10,
+        "max_length": 256,
+        "save_every": 50,
+    },
+    "sft": {
+        "max_steps": 150,
+        "batch_size": 32,
+        "lr": 2e-4,
+        "min_lr": 2e-6,
+        "warmup_steps": 10,
+        "weight_decay": 0.01,
+        "max_length": 256,
+        "save_every": 50,
+    },
+}
+
+
+def control_budget(interact: InteractSettings, sft: SFTSettings) -> dict:
+    """The SFT control's length: as many student updates as steps 2 and 3 together."""
+    if interact.max_steps and sft.max_steps:
+        return {"max_steps": interact.max_steps + sft.max_steps}
+    if not interact.max_steps and not sft.max_steps:
+        return {"max_steps": 0, "epochs": interact.epochs + sft.epochs}
+    raise ValueError(
+        "set max_steps on both interact and sft, or on neither, so the SFT control can match their budget"
+    )
+
+
+def _with(settings, **values) -> dict:
+    """A step's settings as keyword arguments, with the run-level values on top."""
+    return dict(dataclasses.asdict(settings), **values)
+
+
+class Distiller:
+    """Runs the stages of one ``vlsi distill`` directory, each skipped when its marker exists."""
+
+    def __init__(self, cfg: DistillConfig, teacher: str, student: str, train: str):
+        self.cfg, self.root = cfg, Path(cfg.out)
+        self.teacher, self.student, self.train = teacher, student, train
+        self.common = {"seed": cfg.seed, "image_root": cfg.image_root}
+
+    def verbalizers(self, model: str, layers: str, name: str) -> Path:
+        out = self.root / f"step1_{name}_verbalizers"
+        # train_summary.json is written after the verbalizers and their metrics.
+        if stage(out / "train_summary.json", f"step 1: verbalizers of the {name}"):
+            settings = _with(self.cfg.verbalize, **self.common)
+            train_verbalizers(
+                VerbalizeConfig(**settings, model=model, data=self.train, out=str(out), layers=layers)
+            )
+        return out
+
+    def teacher_cache(self, tv: Path) -> None:
+        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1."""
+        settings, path = self.cfg.interact, self.cfg.interact.teacher_cache
+        if not path or is_complete(path):
+            return
+        print(f"[run ] teacher cache in {path}")
+        build_teacher_cache(
+            TeacherCacheConfig(
+                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
+                max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
+                kd_temperature=settings.kd_temperature,
+            )
+        )  # fmt: skip
+
+    def interact(self, out: Path, student: str, tv: Path, sv: Path, label: str, **overrides) -> Path:
+        # train_summary.json is written after the export, so it marks a finished stage.
+        if stage(out / "train_summary.json", label):
+            settings = _with(self.cfg.interact, **self.common, **overrides)
+            cfg = InteractConfig(
+                **settings,
+                teacher=self.teacher,
+                teacher_verbalizers=str(tv),
+                student=student,
+                student_verbalizers=str(sv),
+                data=self.train,
+                out=str(out),
+            )
+            train_interaction(cfg)
+        return out
+
+    def sft(self, out: Path, model: str, label: str, **overrides) -> Path:
+        if stage(out / "train_summary.json", label):
+            settings = _with(self.cfg.sft, **self.common, **overrides)
+            train_sft(SFTConfig(**settings, model=model, data=self.train, out=str(out)))
+        if not is_exported(out):
+            raise RuntimeError(f"{out}: marked finished but holds no complete export; remove it to retrain")
+        return out
+
+    def run(self) -> dict[str, str]:
+        """Trains everything; returns the checkpoint of each model in :data:`MODELS`."""
+        cfg, root = self.cfg, self.root
+        tv = self.verbalizers(self.teacher, cfg.teacher_layers, "teacher")
+        sv = self.verbalizers(self.student, cfg.student_layers, "student")
+        self.teacher_cache(tv)
+        step2 = self.interact(root / "step2_interact", self.student, tv, sv, "step 2: interaction")
+        step3 = self.sft(root / "step3_sft", str(step2), "step 3: SFT of the interacted student")
+        models = {"teacher": self.teacher, "student_base": self.student, "vlsi_step2": step2, "vlsi": step3}
+        if cfg.controls:
+            budget = control_budget(cfg.interact, cfg.sft)
+            models["sft_control"] = self.sft(
+                root / "control_sft", self.student, "control: SFT only, same budget", **budget
+            )
+            kd2 = self.interact(
+                root / "control_kd_step2",
+                self.student,
+                tv,
+                sv,
+                "control: final-layer KD",
+                il="none",
+                ll="kld",
+            )
+            models["final_layer_kd"] = self.sft(
+                root / "control_kd", str(kd2), "control: final-layer KD + step 3"
+            )
+        return {k: str(models[k]) for k in MODELS if k in models}
+
+
+# Keys a rerun may change: where the run lives, what else runs, how it is reported; not what a finished
+# stage computed.
+RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
+
+
+def check_config(cfg: DistillConfig) -> None:
+    """Errors a run would otherwise meet only after hours of training."""
+    cfg.interact.validate()
+    if cfg.controls:
+        control_budget(cfg.interact, cfg.sft)
+    if cfg.teacher_layers.strip() and cfg.student_layers.strip():
+        t_l, t_s = len(parse_layers(cfg.teacher_layers)), len(parse_layers(cfg.student_layers))
+        if t_s > t_l:
+            raise ValueError(f"{t_s} student layers but only {t_l} teacher layers: each needs its own match")
+
+
+def record_config(cfg: DistillConfig, root: Path) -> None:
+    """Writes the resolved config; a rerun with other settings is refused, since its finished stages
+    (skipped by their markers) would silently come from the old ones."""
+    path = root / "distill_config.yaml"
+    new = dataclasses.asdict(cfg)
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = [k for k in new if k not in RERUN_MAY_CHANGE and old.get(k) != new[k]]
+        if changed:
+            raise ValueError(
+                f"{root} was run with other settings ({', '.join(changed)} differ from {path}); "
+                "use a new --out, or remove the stages the change affects together with that file"
+            )
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    check_config(cfg)
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    record_config(cfg, root)
+    if cfg.teacher:
+        if not (cfg.student and cfg.train_data):
+            raise ValueError("a distill config with a teacher also needs 'student' and 'train_data'")
+        check_pair(cfg.teacher, cfg.student)
+        teacher, student, train, test = cfg.teacher, cfg.student, cfg.train_data, cfg.test_data
+    else:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("the built-in tiny setting runs in one process; launch it without accelerate")
+        tiny = dataclasses.replace(cfg.tiny, seed=cfg.seed)
+        paths = prepare_tiny(tiny, root)
+        teacher, student, train, test = (str(paths[k]) for k in ("teacher", "student", "train", "test"))
+
+    models = Distiller(cfg, teacher, student, train).run()
+    results = {}
+    # Evaluation is greedy generation on one device, by the main process only (under `accelerate launch`
+    # every process would otherwise write the same files); a model that needs several GPUs to generate
+    # (a 72B teacher) is better left out: leave test_data empty and run `vlsi eval` on what fits.
+    if test and int(os.environ.get("RANK", "0")) == 0:
+        for key, path in models.items():
+            results[key] = evaluate_once(Path(path), Path(test), root / "eval" / key, key, cfg.image_root)
+        (root / "results.json").write_text(json.dumps(results, indent=2))
+        (root / "report.md").write_text(report(results, root))
+        print(results_table(results))
+    print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {root}")
+    return {"models": models, "results": results}
+
+
+def report(results: dict, root: Path) -> str:
+    """``report.md``: the accuracy table, per-skill accuracy, then the heat maps and depth plots."""
+    lines = ["# VLsI distillation report", "", "| model | accuracy |", "| --- | --- |"]
+    lines += [f"| {MODELS[k]} (`{k}`) | {m['accuracy']:.3f} |" for k, m in results.items()]
+    lines += ["", "## Per skill", "", results_table(results), ""]
+    plot_skills(results, root / "skills.png")
+    lines += ["![accuracy per skill](skills.png)", ""]
+    curves = {name: read_curve(root / f"{name}_sft" / "curve.jsonl") for name in ("teacher", "student")}
+    if any(curves.values()):
+        plot_curves({f"{k} base": v for k, v in curves.items()}, root / "curves.png")
+        lines += [
+            "## Learning curves of the bases (validation split)",
+            "",
+            "![learning curves](curves.png)",
+            "",
+        ]
+    figures = [
+        ("Step 2 matches, first 10% of steps", "step2_interact/matches_first.png"),
+        ("Step 2 matches, last 10% of steps", "step2_interact/matches_last.png"),
+        ("Teacher verbalizers by depth", "step1_teacher_verbalizers/verbalized_depth.png"),
+        ("Student verbalizers by depth", "step1_student_verbalizers/verbalized_depth.png"),
+    ]
+    for title, rel in figures:
+        if (root / rel).exists():
+            lines += [f"## {title}", "", f"![{title}]({rel})", ""]
+    return "\n".join(lines)

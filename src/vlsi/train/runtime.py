@@ -1,0 +1,260 @@
+"""Plumbing every training step shares: the accelerator, batches, the global token count, and the optimizer
+step with its guard against a non-finite loss or gradient norm."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+from vlsi.data.records import BatchStream, ChatDataset, collate, record_name
+from vlsi.losses.tokens import count_response_tokens
+from vlsi.train.checkpointing import fingerprint
+from vlsi.train.engines import configure_deepspeed
+from vlsi.train.optim import build_optimizer
+
+
+def mixed_precision(precision: str) -> str:
+    """auto -> bf16 on GPUs that have it, else fp32 ("no")."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    choices = {"bf16": "bf16", "fp32": "no"}
+    if precision not in choices:
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    return choices[precision]
+
+
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator_device() -> bool:
+    available = getattr(getattr(torch, "accelerator", None), "is_available", None)
+    return available() if available else torch.cuda.is_available()
+
+
+def make_accelerator(precision: str, seed: int) -> Accelerator:
+    # Launched as several processes on a machine without GPUs (the CI, `configs/accelerate/cpu.yaml`),
+    # accelerate joins them over gloo only when told cpu=True; otherwise each would train alone.
+    cpu = _launched_world() > 1 and not _has_accelerator_device()
+    # The scheduler steps once per optimizer step, not once per process.
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(precision), step_scheduler_with_optimizer=False, cpu=cpu
+    )
+    if accelerator.num_processes != _launched_world():
+        raise RuntimeError(
+            f"launched as {_launched_world()} processes but accelerate sees {accelerator.num_processes}; "
+            "each would train alone on the same files (check the accelerate config)"
+        )
+    set_seed(seed)
+    if accelerator.device.type == "cpu":
+        # Tiny weights and Adam states drift into denormal floats, which made CPU steps ~5x slower.
+        torch.set_flush_denormal(True)
+    return accelerator
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+class Batch(dict):
+    """A collated micro-batch (tensors by name) that also knows which records it holds, so that a step
+    stopped for a non-finite loss can name them. ``record_ids`` is an attribute, not an entry: every entry
+    is a tensor fed to the model."""
+
+    record_ids: list[str]
+
+
+def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> Batch:
+    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole."""
+    for _ in range(1000):
+        indices = stream.next_indices()
+        items = [dataset[i] for i in indices]
+        batch = collate(items, pad_id)
+        if batch is not None:
+            batch = Batch(batch)
+            batch.record_ids = [
+                record_name(dataset.records[i], i)
+                for i, item in zip(indices, items, strict=True)
+                if item is not None
+            ]
+            return batch
+    raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
+
+
+def global_response_tokens(accelerator: Accelerator, micro_batches: list[dict]) -> torch.Tensor:
+    """Response tokens in one accumulation window summed over all processes: the loss denominator."""
+    n = torch.tensor(
+        sum(count_response_tokens(b["labels"]) for b in micro_batches), device=accelerator.device
+    )
+    return accelerator.reduce(n, "sum").clamp(min=1)
+
+
+def global_token_mean(accelerator: Accelerator, sums: torch.Tensor, n_resp: torch.Tensor) -> list[float]:
+    """Per-response-token means of this window's loss sums over all processes: what is logged, not one
+    process's share scaled up."""
+    total = accelerator.reduce(sums.to(accelerator.device, torch.float64), "sum")
+    return (total / n_resp.item()).tolist()
+
+
+@dataclass(kw_only=True)
+class TrainingArgs:
+    """The knobs every training step shares; each step's config adds its own fields to these.
+
+    keyword-only so a step's required fields (model, data, out) can follow these defaults.
+    """
+
+    image_root: str | None = field(default=None, metadata={"help": "image folder (default: the data file's)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = derive from --epochs"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data when --max-steps is 0"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (paper: 1e-4)"})
+    min_lr: float = field(default=1e-6, metadata={"help": "final learning rate of the cosine (paper: 1e-6)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for new weights, data order and sampling"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
+    log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
+
+
+# Settings that do not change what a run computes, so a resume may differ in them.
+BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+
+
+def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
+    """AdamW + schedule over ``module``'s trainable parameters and the data order, prepared by accelerate.
+
+    Returns (module, optimizer, scheduler, stream, total_steps).
+    """
+    world = accelerator.num_processes
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_records / per_step))
+    optimizer, scheduler = build_optimizer(
+        module.parameters(), cfg.lr, cfg.min_lr, cfg.weight_decay, total, cfg.warmup_steps
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    stream = BatchStream(n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world)
+    return module, optimizer, scheduler, stream, total
+
+
+def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (), **extra) -> str:
+    """What a checkpoint must have been written with to be resumed exactly."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in (*BOOKKEEPING, *ignore)}
+    return fingerprint(dict(settings, world=world, **extra))
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+
+
+def grad_sync(accelerator: Accelerator, module: torch.nn.Module, index: int, count: int):
+    """DDP gradient sync only on the last micro-batch of an accumulation window."""
+    return contextlib.nullcontext() if index == count - 1 else accelerator.no_sync(module)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient norm is inf or nan; the run stops there instead of training on garbage."""
+
+
+def _non_finite(accelerator: Accelerator, step: int, what: str, micro: list[Batch]) -> NonFiniteError:
+    ids = [rid for batch in micro for rid in getattr(batch, "record_ids", [])]
+    where = f" on process {accelerator.process_index}" if accelerator.num_processes > 1 else ""
+    return NonFiniteError(
+        f"step {step}: non-finite training values ({what}); records in this step's batches{where}: "
+        f"{', '.join(ids)}. Stopped before the optimizer step: the weights and the checkpoints already "
+        "written are as they were (check these records, or lower --lr, then resume)"
+    )
+
+
+def check_finite(
+    accelerator: Accelerator, step: int, loss, grad_norm: torch.Tensor | None, micro: list[Batch]
+) -> None:
+    """Raises :class:`NonFiniteError` naming the step and the records of its micro-batches when this process's
+    loss sums (``loss``: a number or a tensor of them) or the gradient norm is not finite.
+
+    Every process reaches the same verdict (one all-reduce of a flag), so none is left waiting in a collective
+    for one that stopped. Called before the optimizer step, so nothing of the bad step reaches the weights
+    or a checkpoint.
+    """
+    local = torch.as_tensor(loss, dtype=torch.float64).detach().cpu()
+    local_bad = not bool(torch.isfinite(local).all())
+    norm = None if grad_norm is None else float(grad_norm)
+    flag = torch.tensor([float(local_bad)], device=accelerator.device)
+    if float(accelerator.reduce(flag, "sum").item()) == 0 and (norm is None or math.isfinite(norm)):
+        return
+    if local_bad:
+        what = f"loss {local.flatten().tolist()}"
+    elif norm is None or math.isfinite(norm):
+        what = "loss not finite on another process"
+    else:
+        what = "loss finite"
+    raise _non_finite(accelerator, step, f"{what}, gradient norm {norm}", micro)
+
+
+@contextlib.contextmanager
+def names_step(accelerator: Accelerator, step: int, micro: list[Batch]):
+    """Within a step's forward: a FloatingPointError raised there (the layer matching refusing NaN scores,
+    :class:`vlsi.losses.matching.NonFiniteScores`) becomes a :class:`NonFiniteError` naming the step and records."""
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except FloatingPointError as e:
+        raise _non_finite(accelerator, step, str(e), micro) from e
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    module: torch.nn.Module,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    step: int,
+    loss,
+    micro: list[Batch],
+):
+    """Clip (if asked), check the step is finite (:func:`check_finite`), step the optimizer and the
+    schedule, clear the gradients. ``step`` is the number of the step being taken (1-based), ``loss`` this
+    process's loss sums over ``micro``, its micro-batches."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clips inside its own step (configure_deepspeed) and knows the norm only after it; the
+        # loss is checked alone.
+        grad_norm = None
+    else:
+        # max_norm inf measures without clipping.
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or math.inf)
+    check_finite(accelerator, step, loss, grad_norm, micro)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def history_tail(history: list, cfg: TrainingArgs) -> list:
+    """The recent per-step losses a checkpoint keeps, so that after a resume the log averages and the
+    summary's final loss (last 10 steps) are those of an uninterrupted run."""
+    return history[-max(cfg.log_every, 10) :]
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
