@@ -83,11 +83,11 @@ class DistillConfig:
 
 
 # The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
-# included, fits in 15 min on a quiet 2-core CPU (docs/tiny_setting.md). Flags still override any of it.
+# included, fits in 15 min on a quiet 2-core CPU (docs/tiny_setting.md). The bases' budgets are
+# TinySettings' own defaults (1,000 steps each). Flags still override any of it.
 TINY_PRESET: dict = {
     "out": "runs/distill",
     "controls": True,
-    "tiny": {"steps": 1000, "student_steps": 1000},
     "verbalize": {"max_steps": 150, "batch_size": 32, "lr": 1e-3, "min_lr": 1e-5, "max_length": 256},
     "interact": {
         "max_steps": 150,
