@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from vlsi.model.backbone import Backbone, get_module, parse_layers
-from vlsi.run.config import build_config
+from vlsi.run.config import build_config, read_config_file
 from vlsi.run.memory import GIB, estimate_memory, lora_parameters, verbalizer_parameters
 
 __all__ = [
@@ -278,11 +277,7 @@ def find_recipe(name: str | Path) -> Path:
 def load_recipe(path: str | Path) -> dict:
     """The recipe file (or bundled recipe, :func:`find_recipe`) as a dict, read by :func:`complete_recipe`."""
     path = find_recipe(path)
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return complete_recipe(recipe, str(path))
+    return complete_recipe(read_config_file(path), str(path))
 
 
 def complete_recipe(recipe: dict, where: str = "recipe") -> dict:

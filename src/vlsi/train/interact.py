@@ -34,7 +34,6 @@ from torch import nn
 from vlsi.data.processing import VLProcessor, check_pair
 from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.chunked import (
-    DEFAULT_CHUNK_TOKENS,
     LABELS,
     Term,
     chunk_tokens,
@@ -53,7 +52,7 @@ from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
 from vlsi.train.engines import prepare_frozen, whole_load
-from vlsi.train.runtime import TrainingArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
+from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
@@ -75,7 +74,7 @@ def _matching_field(name: str):
 
 
 @dataclass(kw_only=True)
-class InteractSettings(TrainingArgs):
+class InteractSettings(VerbalizedLossArgs):
     """How to interact, without on what: ``vlsi distill`` fills in the models, verbalizers, data and output."""
 
     lora: bool = field(
@@ -112,17 +111,6 @@ class InteractSettings(TrainingArgs):
     eps: float = _matching_field("eps")
     ar_weight: float = field(
         default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
-    )
-    loss_impl: str = field(
-        default="chunked",
-        metadata={
-            "help": "verbalized losses: chunked (response tokens in chunks, logits never stored; vlsi.losses.chunked) "
-            "| reference (whole [N, V] logits per layer, kept for tests and benchmarks)"
-        },
-    )
-    loss_chunk_tokens: int = field(
-        default=DEFAULT_CHUNK_TOKENS,
-        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
     )
     teacher_cache: str = field(
         default="",

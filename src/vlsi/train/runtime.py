@@ -16,6 +16,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from vlsi.data.records import BatchStream, ChatDataset, collate, record_name
+from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS
 from vlsi.losses.tokens import count_response_tokens
 from vlsi.train.checkpointing import fingerprint
 from vlsi.train.engines import configure_deepspeed
@@ -131,6 +132,23 @@ class TrainingArgs:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     resume: bool = field(default=True, metadata={"help": "resume from the latest checkpoint in OUT"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines in train_log.jsonl"})
+
+
+@dataclass(kw_only=True)
+class VerbalizedLossArgs(TrainingArgs):
+    """How steps 1 and 2 compute their losses through the verbalized heads (one definition for both)."""
+
+    loss_impl: str = field(
+        default="chunked",
+        metadata={
+            "help": "verbalized losses: chunked (response tokens in chunks, logits never stored; "
+            "vlsi.losses.chunked) | reference (whole [N, V] logits per layer, kept for tests and benchmarks)"
+        },
+    )
+    loss_chunk_tokens: int = field(
+        default=DEFAULT_CHUNK_TOKENS,
+        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
+    )
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.

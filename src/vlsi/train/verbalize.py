@@ -29,7 +29,7 @@ from torch import nn
 
 from vlsi.data.processing import VLProcessor
 from vlsi.data.records import ChatDataset, Encoder, collate
-from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, chunk_tokens, chunked_unsupported
+from vlsi.losses.chunked import chunk_tokens, chunked_unsupported
 from vlsi.model.backbone import Backbone, parse_layers, target_layers
 from vlsi.model.loading import load_model
 from vlsi.model.verbalizer import (
@@ -42,7 +42,7 @@ from vlsi.model.verbalizer import (
 )
 from vlsi.run.evaluate import generate_answers
 from vlsi.train.engines import prepare_frozen, whole_load
-from vlsi.train.runtime import TrainingArgs, make_accelerator, mixed_precision
+from vlsi.train.runtime import VerbalizedLossArgs, make_accelerator, mixed_precision
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
 log = logging.getLogger("vlsi.train.verbalize")
@@ -52,7 +52,7 @@ SHALLOW_DEPTH = 12
 
 
 @dataclass(kw_only=True)
-class VerbalizeSettings(TrainingArgs):
+class VerbalizeSettings(VerbalizedLossArgs):
     """How to train verbalizers, without on what: ``vlsi distill`` fills in model, data, output and layers."""
 
     residual: bool = field(default=True, metadata={"help": "verb-FFN computes h + FFN(h) [design]"})
@@ -73,16 +73,6 @@ class VerbalizeSettings(TrainingArgs):
     )
     eval_max_records: int = field(
         default=512, metadata={"help": "measure on at most this many held-out records (0 = all)"}
-    )
-    loss_impl: str = field(
-        default="chunked",
-        metadata={
-            "help": "verbalized CE: chunked (logits never stored; vlsi.losses.chunked) | reference (whole [N, V])"
-        },
-    )
-    loss_chunk_tokens: int = field(
-        default=DEFAULT_CHUNK_TOKENS,
-        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
     )
 
 
