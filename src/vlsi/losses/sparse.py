@@ -90,13 +90,12 @@ class SparseDist:
         a = self.logp.float() if self.tail is None else torch.cat([self.logp.float(), self.tail[:, None]], 1)
         return a - torch.logsumexp(a, dim=-1, keepdim=True)
 
-    def student_buckets(self, log_ps: torch.Tensor) -> torch.Tensor:
-        """The student's ``[c, V]`` log-probabilities collapsed onto these buckets, without a graph.
+    def student_buckets(self, top: torch.Tensor) -> torch.Tensor:
+        """The student's log-probabilities at these ids, ``top [c, k]``, completed by its tail bucket.
 
-        The tail is ``log(1 - sum p_ids)``: one gather per pair, where the exact complement sum of
+        The tail is ``log(1 - sum p_ids)``: cheap per pair, where the exact complement sum of
         :meth:`value_and_grad` would read ``[c, V]`` again for each of the t_s x t_l candidate pairs; its
         float32 rounding (~1e-7 absolute) is far below what tells candidate layers apart."""
-        top = log_ps.gather(1, self.ids)
         if self.tail is None:
             return top
         rest = (1 - top.exp().sum(-1)).clamp_min(_TINY).log()
@@ -112,21 +111,22 @@ class SparseDist:
         autograd on ``[c, k + 1]`` tensors; it goes back to the ``[c, V]`` logits in closed form. With
         ``b_j = z_{id_j} - lse(z)`` and ``b_tail = log P_tail``, ``P_tail = sum_{v not in ids} p_v``:
         ``dL/dz_v = p_v (G_tail / P_tail - sum G)`` off the ids and ``G_j + p_v (- sum G)`` on them.
+        ``s_logits`` is consumed: float32 logits are overwritten and become the gradient.
         """
         if s_logits.shape[-1] != self.width:
             raise ValueError(
                 f"student logits over {s_logits.shape[-1]} tokens against a cached teacher over {self.width}"
             )
-        log_ps = _log_softmax(s_logits, tau)
+        e, total, (top,) = _exp_shifted_(s_logits, tau, [self.ids])
         del s_logits
-        p = log_ps.exp()
-        top = log_ps.gather(1, self.ids)
-        del log_ps
+        p = e.div_(total)
+        # p off the ids from here on: the tail's mass summed directly rather than as 1 - sum(top), exact
+        # also when it is tiny; the ids' own share of the gradient is added back below from top.
+        p.scatter_(1, self.ids, 0.0)
         if self.tail is None:
             b, p_tail = top, None
         else:
-            # The complement summed directly rather than as 1 - sum(top): exact also when it is tiny.
-            p_tail = p.scatter(1, self.ids, 0.0).sum(-1).clamp_min(_TINY)
+            p_tail = p.sum(-1).clamp_min(_TINY)
             b = torch.cat([top, p_tail.log()[:, None]], 1)
         with torch.enable_grad():
             leaf = b.detach().requires_grad_(want_grad)
@@ -134,15 +134,32 @@ class SparseDist:
             grad_b = torch.autograd.grad(value, leaf)[0] if want_grad else None
         if grad_b is None:
             return value.detach(), None
-        coef = -grad_b.sum(-1)
-        on_ids = grad_b[:, : self.k].clone()
-        if p_tail is not None:
-            ratio = grad_b[:, -1] / p_tail
-            coef = coef + ratio
-            on_ids -= top.exp() * ratio[:, None]  # the ids take no share of the tail's term
+        total_g = grad_b.sum(-1)
+        coef = -total_g if p_tail is None else grad_b[:, -1] / p_tail - total_g
+        on_ids = grad_b[:, : self.k] - top.exp() * total_g[:, None]
         grad = p.mul_(coef[:, None]).scatter_add_(1, self.ids, on_ids)
         # d/dlogits = d/dz / tau, and value already carries tau**2.
         return value.detach(), grad.div_(tau) if tau != 1 else grad
+
+
+def _exp_shifted_(
+    logits: torch.Tensor, tau: float, ids: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``exp(s - max s)`` with ``s = logits / tau`` (``[c, V]``), its row sums ``[c, 1]``, and the
+    log-probabilities ``log softmax(s)`` at each of ``ids`` (``[c, k]`` each).
+
+    In place, in the logits' own storage (float32 logits are consumed; lower precisions are copied to
+    float32 first, as :func:`vlsi.losses.chunked._log_softmax` does): the top-k buckets need the
+    log-probabilities only at the ids, so no ``[c, V]`` log-softmax block is allocated, and every pass
+    over the block reads and writes the one buffer."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if tau != 1:
+        x.div_(tau)
+    x.sub_(x.amax(-1, keepdim=True))
+    shifted = [x.gather(1, i) for i in ids]
+    total = x.exp_().sum(-1, keepdim=True)
+    log_total = total.log()
+    return x, total, [s - log_total for s in shifted]
 
 
 @torch.no_grad()
@@ -192,10 +209,12 @@ def sparse_score_matrix(
     n = student[0].shape[0] if student else 0
     out = torch.zeros(len(student), len(teacher), dtype=torch.float32, device=student_weight.device)
     for rows in _chunks(n, chunk):
-        log_ps = [_log_softmax(F.linear(f[rows].to(w.dtype), w), tau) for f in student]  # t_s x [c, V]
-        for j, dist in enumerate(teacher):
-            part = dist[rows]
-            a = part.bucket_log_probs()
-            for i, x in enumerate(log_ps):
-                out[i, j] += fn(a, part.student_buckets(x)).float()
+        parts = [dist[rows] for dist in teacher]
+        targets = [part.bucket_log_probs() for part in parts]
+        ids = [part.ids for part in parts]
+        for i, f in enumerate(student):
+            # One [c, V] block at a time: only the student's log-probabilities at the teachers' ids are kept.
+            _, _, tops = _exp_shifted_(F.linear(f[rows].to(w.dtype), w), tau, ids)
+            for j, (part, top) in enumerate(zip(parts, tops, strict=True)):
+                out[i, j] += fn(targets[j], part.student_buckets(top)).float()
     return out * tau**2
