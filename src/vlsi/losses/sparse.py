@@ -215,6 +215,6 @@ def sparse_score_matrix(
         for i, f in enumerate(student):
             # One [c, V] block at a time: only the student's log-probabilities at the teachers' ids are kept.
             _, _, tops = _exp_shifted_(F.linear(f[rows].to(w.dtype), w), tau, ids)
-            for j, (part, top) in enumerate(zip(parts, tops, strict=True)):
-                out[i, j] += fn(targets[j], part.student_buckets(top)).float()
+            for j, (part, target, top) in enumerate(zip(parts, targets, tops, strict=True)):
+                out[i, j] += fn(target, part.student_buckets(top)).float()
     return out * tau**2

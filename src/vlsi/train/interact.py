@@ -362,10 +362,14 @@ class _ChunkedLosses:
             if self.t_head is None:
                 # Cached: top-k buckets per layer (vlsi.losses.sparse) instead of features. One [chunk, V]
                 # block is alive at a time, fewer than in the loss pass, so the loss pass's chunk fits.
-                opts["chunk"] = cfg.loss_chunk_tokens
-                return sparse_score_matrix(s_features, self.s_head, t_features, cfg.divergence, **opts)
-            opts["chunk"] = score_chunk_tokens(cfg.loss_chunk_tokens, len(features))
-            return score_matrix(s_features, self.s_head, t_features, self.t_head, cfg.divergence, **opts)
+                chunk = cfg.loss_chunk_tokens
+                return sparse_score_matrix(
+                    s_features, self.s_head, t_features, cfg.divergence, chunk=chunk, **opts
+                )
+            chunk = score_chunk_tokens(cfg.loss_chunk_tokens, len(features))
+            return score_matrix(
+                s_features, self.s_head, t_features, self.t_head, cfg.divergence, chunk=chunk, **opts
+            )
 
     def evaluate(self, terms: list[LossTerm]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
