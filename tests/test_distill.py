@@ -180,3 +180,23 @@ def test_killed_distill_resumes_its_unfinished_stage(tmp_path):
     assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
     ours, theirs = (json.loads((root / "results.json").read_text()) for root in (killed, whole))
     assert {k: m["accuracy"] for k, m in ours.items()} == {k: m["accuracy"] for k, m in theirs.items()}
+
+
+@pytest.mark.slow  # the whole tiny setting in a regime of the map: new images, phrased answers, teacher labels
+def test_builtin_setting_on_new_images_with_the_teachers_answers(tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", "--out", str(out), *SMALL, "--tiny-distill", "8", "--tiny-answers", "free"]
+    # A teacher trained long enough to answer something (a 2-step one answers nothing, and every record would
+    # be dropped as unanswered).
+    assert main([*args, "--tiny-labels", "teacher", "--tiny-steps", "40"]) == 0
+    labelled = json.loads((out / "data" / "distill_teacher_answers.json").read_text())
+    phrased = json.loads((out / "data" / "distill.json").read_text())
+    assert len(labelled) == len(phrased) == 8
+    assert [r["digits"] for r in labelled] == [r["digits"] for r in phrased]
+    # Steps 1-3 and the controls trained on the teacher's answers to the new images, not on the student's set.
+    control = json.loads((out / "control_sft" / "train_summary.json").read_text())
+    assert control["records"] == 8
+    for name in ("results.json", "results_val.json"):
+        results = json.loads((out / name).read_text())
+        assert set(results) == set(MODELS)
+    assert json.loads((out / "results_val.json").read_text())["vlsi"]["n"] == 3 * 3

@@ -39,3 +39,23 @@ def test_summary_has_per_skill_accuracy_and_majority_chance():
     assert m["per_skill"]["count"]["accuracy"] == 1 / 3
     assert m["per_skill"]["count"]["chance"] == 2 / 3
     assert m["per_skill"]["spatial"]["n"] == 1
+
+
+def test_number_scoring_reads_the_last_number_of_phrased_or_worked_answers():
+    assert is_correct("The sum is 20.", "20", score="number")
+    assert is_correct("4 + 7 + 9 = 20", "They add up to 20.", score="number")
+    assert not is_correct("4 + 7 + 9 = 21", "20", score="number")
+    assert not is_correct("20 or 21", "20", score="number")
+    assert not is_correct("twenty", "20", score="number")
+    # Exact scoring keeps refusing the phrased answer.
+    assert not is_correct("The sum is 20.", "20")
+
+
+def test_number_scoring_chance_level_groups_answers_by_their_number():
+    rows = [
+        {"skill": "sum", "reference": "The sum is 5.", "correct": True},
+        {"skill": "sum", "reference": "5", "correct": False},
+        {"skill": "sum", "reference": "7", "correct": False},
+    ]
+    assert summarize(rows, {}, score="number")["per_skill"]["sum"]["chance"] == 2 / 3
+    assert summarize(rows, {})["per_skill"]["sum"]["chance"] == 1 / 3

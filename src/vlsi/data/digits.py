@@ -22,12 +22,23 @@ steps of generation. Every skill's answer distribution is reported as its chance
 
 Splits and determinism
 ----------------------
-Each image draws from its own ``random.Random`` seeded by a hash of ``(seed, split, index)``, so the
-same seed gives byte-identical files, and train and test images come from unrelated streams. A digit
+Each image draws from its own ``random.Random`` seeded by a hash of ``(SEED_KEY, seed, split, index)``, so
+the same seed gives byte-identical files, and train and test images come from unrelated streams.
+``SEED_KEY`` is a fixed string: changing it regenerates every image of every split (a test pins a digest
+of a small output, so such a change fails CI instead of silently invalidating published numbers). A digit
 tuple that appears in the test split is never drawn for train (``disjoint``), so test accuracy is
 measured on combinations the model has never been trained on. Train records hold every question of
 an image as one multi-turn conversation (every answer trains while the image is encoded once); test
 records hold one question each.
+
+Distillation sets (``distill``)
+-------------------------------
+``distill.json`` holds images new to the student base (their own stream, combinations disjoint from
+test and validation) in the train format, with answers written as ``answers`` says, for the regime map
+(``benchmarks/regimes.py``): ``exact`` ("20"), ``free`` (one of several phrasings, "The sum is 20."),
+``working`` ("4 + 7 + 9 = 20"), with a fraction ``noise`` of its answers replaced by a wrong one. A model
+trained on ``free`` or ``working`` answers is scored on the last number it writes (``vlsi eval --score
+number``). Noise and phrasing draw from streams of their own, so the images are the same in every regime.
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ SEGMENTS = {
     8: "abcdefg",
     9: "abcdfg",
 }
+# Never change: every image of every split is derived from it (tests/test_digits.py pins a digest).
+SEED_KEY = "vlsi.data.digits"
 INKS = ((200, 40, 40), (30, 140, 50), (40, 70, 210), (150, 50, 190), (40, 40, 40))
 BACKGROUND = (245, 245, 240)
 
@@ -63,10 +76,7 @@ def _sum(d: tuple[int, ...]) -> int:
 
 
 def _last_digit_of_product(d: tuple[int, ...]) -> int:
-    p = 1
-    for x in d:
-        p *= x
-    return p % 10
+    return _prod(d) % 10
 
 
 # Skill name -> (question, answer function). Each question is one fixed sentence: the image alone decides.
@@ -80,6 +90,49 @@ SKILLS: dict[str, tuple[str, Callable[[tuple[int, ...]], int]]] = {
     "sum_mod": ("Last digit of the sum?", lambda d: sum(d) % 10),
 }
 DEFAULT_SKILLS = "largest,range,sum"
+# Every answer a skill can have (the wrong answers of ``noise`` are drawn from these).
+ANSWER_RANGE = {
+    "largest": range(10),
+    "smallest": range(10),
+    "sum": range(28),
+    "range": range(10),
+    "product": range(10),
+    "odd": range(4),
+    "sum_mod": range(10),
+}
+# Free-form phrasings of an answer; {a} is the number.
+PHRASINGS = {
+    "largest": ("The largest digit is {a}.", "It is {a}.", "{a}", "The biggest one is {a}."),
+    "smallest": ("The smallest digit is {a}.", "It is {a}.", "{a}", "The smallest one is {a}."),
+    "sum": ("The sum is {a}.", "They add up to {a}.", "{a}", "Adding them gives {a}."),
+    "range": ("The difference is {a}.", "It is {a}.", "{a}", "Largest minus smallest is {a}."),
+    "product": ("The last digit is {a}.", "It ends in {a}.", "{a}", "The product ends with {a}."),
+    "odd": ("{a} of them are odd.", "There are {a}.", "{a}", "I count {a} odd digits."),
+    "sum_mod": ("The last digit is {a}.", "It ends in {a}.", "{a}", "The sum ends with {a}."),
+}
+ANSWER_STYLES = ("exact", "free", "working")
+
+
+def working(skill: str, d: tuple[int, ...], answer: int) -> str:
+    """The answer with the working that leads to it, e.g. ``4 + 7 + 9 = 20``."""
+    if skill == "sum":
+        return " + ".join(map(str, d)) + f" = {answer}"
+    if skill in ("largest", "smallest"):
+        return f"{'max' if skill == 'largest' else 'min'}({', '.join(map(str, d))}) = {answer}"
+    if skill == "range":
+        return f"{max(d)} - {min(d)} = {answer}"
+    if skill == "product":
+        return " x ".join(map(str, d)) + f" = {_prod(d)}, last digit {answer}"
+    if skill == "sum_mod":
+        return " + ".join(map(str, d)) + f" = {sum(d)}, last digit {answer}"
+    return f"odd: {', '.join(str(x) for x in d if x % 2) or 'none'}, so {answer}"
+
+
+def _prod(d: tuple[int, ...]) -> int:
+    p = 1
+    for x in d:
+        p *= x
+    return p
 
 
 @dataclass
@@ -103,11 +156,21 @@ class DigitsConfig:
     disjoint: bool = field(
         default=True, metadata={"help": "never train on a digit combination that a test or val image shows"}
     )
+    distill: int = field(
+        default=0,
+        metadata={"help": "images of a distillation set new to the student (distill.json); 0 = none"},
+    )
+    answers: str = field(
+        default="exact", metadata={"help": "how distill.json's answers are written: exact | free | working"}
+    )
+    noise: float = field(
+        default=0.0, metadata={"help": "fraction of distill.json's answers replaced by a wrong one (0-1)"}
+    )
 
 
 def _derive_seed(*key: object) -> int:
     # hashlib rather than hash(): str hashing is salted per process and would break reproducibility.
-    digest = hashlib.sha256("/".join(map(str, ("vlsi.data.digits", *key))).encode()).digest()
+    digest = hashlib.sha256("/".join(map(str, (SEED_KEY, *key))).encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
@@ -150,8 +213,12 @@ def _validate(cfg: DigitsConfig) -> list[str]:
         raise ValueError(f"digits must be 2-4, got {cfg.digits}")
     if cfg.cell < 12:
         raise ValueError(f"cell must be >= 12 pixels, got {cfg.cell}")
-    if min(cfg.train, cfg.test, cfg.val, cfg.pool) < 0:
-        raise ValueError("train, test, val and pool must be >= 0")
+    if min(cfg.train, cfg.test, cfg.val, cfg.pool, cfg.distill) < 0:
+        raise ValueError("train, test, val, pool and distill must be >= 0")
+    if cfg.answers not in ANSWER_STYLES:
+        raise ValueError(f"answers must be one of {', '.join(ANSWER_STYLES)}, not {cfg.answers!r}")
+    if not 0.0 <= cfg.noise <= 1.0:
+        raise ValueError(f"noise is a fraction of answers, 0-1; got {cfg.noise}")
     held = cfg.test + cfg.val
     if cfg.disjoint and held and held * 2 > 10**cfg.digits:
         raise ValueError(
@@ -178,7 +245,10 @@ def _split(cfg: DigitsConfig, skills: list[str], split: str, n: int, banned: set
         render(rng, d, cfg.cell).save(image_dir / name, format="PNG")
         qa = [(s, SKILLS[s][0], str(SKILLS[s][1](d))) for s in skills]
         base = {"image": f"images/{name}", "digits": "".join(map(str, d))}
-        if split in ("train", "pool"):
+        if split == "distill":
+            # A stream of its own, so the images (and the order of questions) are those of every regime.
+            qa = _written(cfg, qa, d, random.Random(_derive_seed(cfg.seed, split, idx, "answers")))
+        if split in ("train", "pool", "distill"):
             rng.shuffle(qa)
             turns = []
             for k, (_, q, a) in enumerate(qa):
@@ -203,8 +273,26 @@ def _split(cfg: DigitsConfig, skills: list[str], split: str, n: int, banned: set
     return records, seen
 
 
+def _written(cfg: DigitsConfig, qa: list, d: tuple[int, ...], rng: random.Random) -> list:
+    """The distillation set's answers: a wrong one with probability ``noise``, then phrased as ``answers``."""
+    out = []
+    for skill, question, answer in qa:
+        value = int(answer)
+        if rng.random() < cfg.noise:
+            value = rng.choice([v for v in ANSWER_RANGE[skill] if v != value])
+        if cfg.answers == "free":
+            text = rng.choice(PHRASINGS[skill]).format(a=value)
+        elif cfg.answers == "working":
+            text = working(skill, d, value)
+        else:
+            text = str(value)
+        out.append((skill, question, text))
+    return out
+
+
 def generate(cfg: DigitsConfig) -> dict:
-    """Write ``train.json``, ``test.json`` (and ``val.json``, ``pool.json`` when asked) and ``images/``."""
+    """Write ``train.json``, ``test.json`` (and ``val.json``, ``pool.json``, ``distill.json`` when asked) and
+    ``images/``."""
     skills = _validate(cfg)
     out = Path(cfg.out)
     image_dir = out / "images"
@@ -212,10 +300,11 @@ def generate(cfg: DigitsConfig) -> dict:
     summary: dict = {"out": str(out), "seed": cfg.seed, "skills": skills, "splits": {}}
     held: set[tuple[int, ...]] = set()
     # Held-out splits first: their digit combinations are then banned from train and pool.
-    for split, n in (("test", cfg.test), ("val", cfg.val), ("train", cfg.train), ("pool", cfg.pool)):
-        if split in ("val", "pool") and n == 0:
+    splits = (("test", cfg.test), ("val", cfg.val), ("train", cfg.train), ("pool", cfg.pool))
+    for split, n in (*splits, ("distill", cfg.distill)):
+        if split in ("val", "pool", "distill") and n == 0:
             continue
-        banned = held if cfg.disjoint and split in ("train", "pool") else set()
+        banned = held if cfg.disjoint and split in ("train", "pool", "distill") else set()
         records, seen = _split(cfg, skills, split, n, banned, image_dir)
         if split in ("test", "val"):
             held |= seen

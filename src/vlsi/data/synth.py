@@ -71,6 +71,8 @@ _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _ZERO_RATE = 0.15
 _MAX_COUNT = 4
 _MAX_TRIES = 1000
+# Never change: every board of every split is derived from it.
+SEED_KEY = "vlsi.data.synth"
 _STALE_IMAGE = re.compile(r"(train|test)_\d+\.png")
 
 Item = tuple[str, str]
@@ -133,7 +135,7 @@ def _describe(item: Item) -> str:
 
 def _derive_seed(*key: object) -> int:
     # hashlib rather than hash(): str hashing is salted per process and would break reproducibility.
-    digest = hashlib.sha256("/".join(map(str, ("vlsi.data.synth", *key))).encode()).digest()
+    digest = hashlib.sha256("/".join(map(str, (SEED_KEY, *key))).encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 

@@ -32,6 +32,7 @@ import yaml
 from vlsi.data.processing import check_pair
 from vlsi.model.backbone import parse_layers
 from vlsi.model.export import is_exported
+from vlsi.run.evaluate import SCORES
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
@@ -62,6 +63,16 @@ class DistillConfig:
     test_data: str = field(
         default="", metadata={"help": "LLaVA-format file every model is evaluated on (empty = no evaluation)"}
     )
+    val_data: str = field(
+        default="",
+        metadata={
+            "help": "validation file every model is also evaluated on, for choosing settings (results_val.json)"
+        },
+    )
+    score: str = field(
+        default="exact",
+        metadata={"help": "evaluation scoring: exact (normalised match) | number (last number)"},
+    )
     image_root: str | None = field(
         default=None, metadata={"help": "image folder (default: each data file's); replaces the steps' own"}
     )
@@ -83,11 +94,13 @@ class DistillConfig:
 
 
 # The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
-# included, fits in 15 min on a quiet 2-core CPU (docs/tiny_setting.md). The bases' budgets are
-# TinySettings' own defaults (1,000 steps each). Flags still override any of it.
+# included, fits in 25 min on a quiet 2-core CPU, 6 once the bases exist (docs/tiny_setting.md). The bases'
+# budgets are TinySettings' own defaults (3,000 steps each: their plateaus). Flags still override any of it.
 TINY_PRESET: dict = {
     "out": "runs/distill",
     "controls": True,
+    # Scored on the number, so regimes whose answers are phrased or worked (benchmarks/regimes.py) compare.
+    "score": "number",
     "verbalize": {"max_steps": 150, "batch_size": 32, "lr": 1e-3, "min_lr": 1e-5, "max_length": 256},
     "interact": {
         "max_steps": 150,
@@ -220,6 +233,8 @@ RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
 def check_config(cfg: DistillConfig) -> None:
     """Errors a run would otherwise meet only after hours of training."""
     cfg.interact.validate()
+    if cfg.score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, not {cfg.score!r}")
     if cfg.controls:
         control_budget(cfg.interact, cfg.sft)
     if cfg.teacher_layers.strip() and cfg.student_layers.strip():
@@ -255,26 +270,38 @@ def run_distill(cfg: DistillConfig) -> dict:
             raise ValueError("a distill config with a teacher also needs 'student' and 'train_data'")
         check_pair(cfg.teacher, cfg.student)
         teacher, student, train, test = cfg.teacher, cfg.student, cfg.train_data, cfg.test_data
+        val = cfg.val_data
     else:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("the built-in tiny setting runs in one process; launch it without accelerate")
         tiny = dataclasses.replace(cfg.tiny, seed=cfg.seed)
         paths = prepare_tiny(tiny, root)
-        teacher, student, train, test = (str(paths[k]) for k in ("teacher", "student", "train", "test"))
+        teacher, student, train, test = (str(paths[k]) for k in ("teacher", "student", "distill", "test"))
+        val = cfg.val_data or (str(paths["val"]) if paths["val"].exists() else "")
 
     models = Distiller(cfg, teacher, student, train).run()
     results = {}
     # Evaluation is greedy generation on one device, by the main process only (under `accelerate launch`
     # every process would otherwise write the same files); a model that needs several GPUs to generate
     # (a 72B teacher) is better left out: leave test_data empty and run `vlsi eval` on what fits.
-    if test and int(os.environ.get("RANK", "0")) == 0:
-        for key, path in models.items():
-            results[key] = evaluate_once(Path(path), Path(test), root / "eval" / key, key, cfg.image_root)
-        (root / "results.json").write_text(json.dumps(results, indent=2))
-        (root / "report.md").write_text(report(results, root))
-        print(results_table(results))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if val:
+            results_val = evaluate_all(models, val, root / "eval_val", cfg)
+            (root / "results_val.json").write_text(json.dumps(results_val, indent=2))
+        if test:
+            results = evaluate_all(models, test, root / "eval", cfg)
+            (root / "results.json").write_text(json.dumps(results, indent=2))
+            (root / "report.md").write_text(report(results, root))
+            print(results_table(results))
     print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {root}")
     return {"models": models, "results": results}
+
+
+def evaluate_all(models: dict[str, str], data: str, out: Path, cfg: DistillConfig) -> dict:
+    return {
+        key: evaluate_once(Path(path), Path(data), out / key, key, cfg.image_root, cfg.score)
+        for key, path in models.items()
+    }
 
 
 def report(results: dict, root: Path) -> str:

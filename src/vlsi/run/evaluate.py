@@ -1,7 +1,8 @@
 """Greedy-generation evaluation on a LLaVA-format file.
 
 Each record's last assistant turn is the reference; the model answers the conversation up to it.
-Scoring is normalised exact match, with multiple-choice letters recognised. Per-skill accuracy is
+Scoring is normalised exact match, with multiple-choice letters recognised, or (``score="number"``) the
+last number of the answer against the reference's, for answers written in words or with their working. Per-skill accuracy is
 reported when records carry a ``skill`` (or ``category``) field, next to that skill's chance level:
 the accuracy of always giving the skill's most frequent reference answer.
 """
@@ -26,6 +27,8 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _OPTION = re.compile(r"^\s*\(?([A-Z])[\).:]\s*(.+?)\s*$", re.MULTILINE)
 # "B", "B.", "B)", "(B) text", "B: text" -- but not the article in "A red circle".
 _LETTER = re.compile(r"^(?:\(([A-Z])\)|([A-Z])(?:[).:]|$))")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+SCORES = ("exact", "number")
 
 
 @dataclass
@@ -38,6 +41,16 @@ class EvalConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "generation budget per answer"})
     max_length: int = field(default=2048, metadata={"help": "prompts longer than this are skipped"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N records (0 = all)"})
+    score: str = field(
+        default="exact",
+        metadata={
+            "help": "exact (normalised exact match) | number (the last number written, as the reference's)"
+        },
+    )
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
 
 
 def normalize(text: str) -> str:
@@ -52,7 +65,15 @@ def options(question: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _OPTION.finditer(question)}
 
 
-def is_correct(prediction: str, reference: str, question: str = "") -> bool:
+def last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def is_correct(prediction: str, reference: str, question: str = "", score: str = "exact") -> bool:
+    if score == "number":
+        want = last_number(reference)
+        return want is not None and last_number(prediction) == want
     ref = reference.strip()
     choices = options(question)
     if choices and re.fullmatch(r"\(?[A-Z]\)?\.?", ref):
@@ -72,7 +93,12 @@ def skill_of(record: dict) -> str | None:
     return None
 
 
-def summarize(rows: list[dict], skipped: dict) -> dict:
+def answer_key(reference: str, score: str) -> str | None:
+    """What a reference counts as under ``score``: the chance level is the most frequent one's rate."""
+    return last_number(reference) if score == "number" else normalize(reference)
+
+
+def summarize(rows: list[dict], skipped: dict, score: str = "exact") -> dict:
     metrics = {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)), "n": len(rows), **skipped}
     by_skill = defaultdict(list)
     for r in rows:
@@ -83,7 +109,8 @@ def summarize(rows: list[dict], skipped: dict) -> dict:
             skill: {
                 "accuracy": sum(r["correct"] for r in rs) / len(rs),
                 "n": len(rs),
-                "chance": Counter(normalize(r["reference"]) for r in rs).most_common(1)[0][1] / len(rs),
+                "chance": Counter(answer_key(r["reference"], score) for r in rs).most_common(1)[0][1]
+                / len(rs),
             }
             for skill, rs in sorted(by_skill.items())
         }
@@ -128,7 +155,7 @@ def evaluate(
                     "skill": skill_of(record),
                     "prediction": prediction.strip(),
                     "reference": reference,
-                    "correct": is_correct(prediction, reference, question),
+                    "correct": is_correct(prediction, reference, question, cfg.score),
                 }
             )
         pending.clear()
@@ -145,7 +172,7 @@ def evaluate(
     if pending:
         flush()
 
-    metrics = summarize(rows, dataset.skips.summary())
+    metrics = summarize(rows, dataset.skips.summary(), cfg.score)
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from vlsi.model.export import is_exported
 from vlsi.model.tiny import TinyConfig
 from vlsi.model.tiny_models import build_tiny
 from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.run.relabel import relabel
 from vlsi.train.sft import SFTConfig, train_sft
 from vlsi.train.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
@@ -27,7 +28,10 @@ class TinySettings:
     """The built-in tiny setting's data and base models; ``vlsi distill`` runs it when no models are given.
 
     The ``digits`` task (:mod:`vlsi.data.digits`) follows the paper's regime: the teacher base learns from a
-    large pool, the student base and every distillation method from the smaller distillation set.
+    large pool, the student base from its own smaller set. Both bases train to their plateaus (twice the
+    steps gains under a point on validation: docs/tiny_setting.md). The distillation set is the student's
+    own set, or (``distill`` > 0) images new to it with answers as ``answers`` / ``noise`` / ``labels`` say:
+    the regimes of ``benchmarks/regimes.py``.
     """
 
     seed: int = field(default=0, metadata={"help": "seed of data, weights and training"})
@@ -47,7 +51,7 @@ class TinySettings:
     vision_steps: int = field(
         default=300, metadata={"help": "digits: stage 0 steps of the shared vision encoder (0 = none)"}
     )
-    steps: int = field(default=1000, metadata={"help": "SFT optimizer steps for the teacher base"})
+    steps: int = field(default=3000, metadata={"help": "SFT optimizer steps for the teacher base"})
     student_steps: int = field(
         default=0, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
     )
@@ -56,12 +60,35 @@ class TinySettings:
     min_lr: float = field(default=1e-5, metadata={"help": "final SFT learning rate"})
     warmup_steps: int = field(default=30, metadata={"help": "SFT warm-up steps"})
     eval_every: int = field(
-        default=100, metadata={"help": "steps between learning-curve points of the bases"}
+        default=250, metadata={"help": "steps between learning-curve points of the bases"}
+    )
+    distill: int = field(
+        default=0,
+        metadata={
+            "help": "digits: distillation set of this many images new to the student (0 = its own set)"
+        },
+    )
+    answers: str = field(
+        default="exact",
+        metadata={"help": "digits: the new distillation set's answers: exact | free | working"},
+    )
+    noise: float = field(
+        default=0.0, metadata={"help": "digits: fraction of the new distillation set's answers made wrong"}
+    )
+    labels: str = field(
+        default="data",
+        metadata={
+            "help": "answers steps 1-3 train on: data (the set's own) | teacher (the teacher base's greedy ones)"
+        },
     )
 
     def __post_init__(self):
         if self.task not in ("digits", "grid"):
             raise ValueError(f"tiny task must be 'digits' or 'grid', not {self.task!r}")
+        if self.labels not in ("data", "teacher"):
+            raise ValueError(f"labels must be 'data' or 'teacher', not {self.labels!r}")
+        if self.task == "grid" and (self.distill or self.answers != "exact" or self.noise):
+            raise ValueError("distill, answers and noise are options of the digits task")
 
 
 @dataclass
@@ -104,11 +131,15 @@ def base_sft_config(
     )
 
 
-def evaluate_once(model: Path, data: Path, out: Path, label: str, image_root: str | None = None) -> dict:
+def evaluate_once(
+    model: Path, data: Path, out: Path, label: str, image_root: str | None = None, score: str = "exact"
+) -> dict:
     """``out/metrics.json``, computed unless a finished run left it."""
     metrics_file = out / "metrics.json"
     if stage(metrics_file, f"evaluation of {label}"):
-        evaluate(EvalConfig(model=str(model), data=str(data), out=str(out), image_root=image_root))
+        evaluate(
+            EvalConfig(model=str(model), data=str(data), out=str(out), image_root=image_root, score=score)
+        )
     return json.loads(metrics_file.read_text())
 
 
@@ -116,9 +147,10 @@ def _make_data(cfg: TinySettings, data: Path) -> None:
     if cfg.task == "digits":
         generate_digits(
             DigitsConfig(
-                out=str(data), train=cfg.train, test=cfg.test, val=cfg.val, pool=cfg.pool, seed=cfg.seed
+                out=str(data), train=cfg.train, test=cfg.test, val=cfg.val, pool=cfg.pool, seed=cfg.seed,
+                distill=cfg.distill, answers=cfg.answers, noise=cfg.noise,
             )
-        )
+        )  # fmt: skip
     else:
         generate(
             SynthConfig(out=str(data), train=cfg.train, test=cfg.test, seed=cfg.seed, captions=cfg.captions)
@@ -136,7 +168,7 @@ def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[st
         build_tiny(TinyConfig(out=str(models), seed=cfg.seed))
         (models / "tiny_complete").touch()
     init = {"teacher": models / "teacher", "student": models / "student"}
-    paths = {split: data / f"{split}.json" for split in ("train", "test", "val", "pool")}
+    paths = {split: data / f"{split}.json" for split in ("train", "test", "val", "pool", "distill")}
     if cfg.task == "digits" and cfg.vision_steps:
         vision = root / "stage0_vision"
         if stage(vision / "vision_summary.json", "stage 0: the shared vision encoder"):
@@ -162,6 +194,12 @@ def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[st
             train_sft(base_sft_config(cfg, init[name], train_data, trained, steps, val))
         assert is_exported(trained)
         paths[name] = trained
+    paths["distill"] = paths["distill"] if cfg.task == "digits" and cfg.distill else paths["train"]
+    if cfg.labels == "teacher":
+        labelled = root / "data" / "distill_teacher_answers.json"
+        if stage(labelled, "the teacher base's answers to the distillation set"):
+            relabel(str(paths["teacher"]), paths["distill"], labelled)
+        paths["distill"] = labelled
     return paths
 
 

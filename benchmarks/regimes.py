@@ -1,0 +1,258 @@
+"""Where layer-wise distillation helps: VLsI and final-layer KD against the SFT control, regime by regime.
+
+The bases are trained once (the built-in tiny setting's, at their plateaus); each regime is a different
+distillation set for the same teacher and student, and each seed reruns steps 1-3 and both controls on
+it (``vlsi distill --config`` with ``controls: true``) with the tiny preset's budgets:
+
+- ``own``: the student's own 2,000 images, exact answers (the built-in default);
+- ``new``: 4,800 images new to the student, exact answers;
+- ``noise10`` / ``noise30`` / ``noise50``: the same images, that fraction of answers wrong;
+- ``free``: the same images, answers in one of several phrasings ("They add up to 20.");
+- ``working``: the same images, answers with their working ("4 + 7 + 9 = 20");
+- ``teacher``: the same images without answers: every step trains on the teacher base's greedy
+  answers (sequence-level KD's data; step 2 itself needs no labels).
+
+Every model is scored on the last number it writes (``score: number``), on the validation split (for
+choosing) and the test split (for reporting). Prints, and writes to ``OUT/regimes.md`` / ``.json`` /
+``.png``, VLsI - SFT and KD - SFT per regime as mean ± standard error over the seeds. Finished runs
+are skipped, so a killed sweep resumes.
+
+    python benchmarks/regimes.py --out runs/regimes [--bases runs/distill] [--seeds 0,1,2,3,4] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from ablation import _link, _run
+
+from vlsi.data.digits import DigitsConfig, generate
+from vlsi.run.distill import TINY_PRESET
+from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.run.figures import _pyplot
+from vlsi.run.relabel import relabel
+
+NEW_IMAGES = 4800  # one epoch of the preset's 150 steps x 32
+# regime -> the distillation set's options (None: the student's own set)
+REGIMES: dict[str, dict | None] = {
+    "own": None,
+    "new": {},
+    "noise10": {"noise": 0.1},
+    "noise30": {"noise": 0.3},
+    "noise50": {"noise": 0.5},
+    "free": {"answers": "free"},
+    "working": {"answers": "working"},
+    "teacher": {"labels": "teacher"},
+}
+ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
+
+
+def regime_data(out: Path, bases: Path, name: str, seed: int) -> Path:
+    """The regime's distillation file (built once; the images are those of every regime)."""
+    options = REGIMES[name]
+    if options is None:
+        return bases / "data" / "train.json"
+    labels = options.get("labels", "data")
+    data_options = {k: v for k, v in options.items() if k != "labels"}
+    root = out / "data" / (name if labels == "data" else "new")
+    if not (root / "distill.json").exists():
+        # The bases' test and validation images are regenerated (same seed, same streams) so the new images
+        # avoid their digit combinations.
+        generate(
+            DigitsConfig(
+                out=str(root), train=0, test=200, val=100, distill=NEW_IMAGES, seed=seed, **data_options
+            )
+        )
+        for split in ("test", "val"):
+            if (root / f"{split}.json").read_bytes() != (bases / "data" / f"{split}.json").read_bytes():
+                raise SystemExit(
+                    f"{bases}: its {split} split is not seed {seed}'s; pass the bases' --data-seed"
+                )
+    if labels == "teacher":
+        labelled = out / "data" / "teacher" / "distill.json"
+        if not labelled.exists():
+            relabel(str(bases / "teacher_sft"), root / "distill.json", labelled)
+        return labelled
+    return root / "distill.json"
+
+
+def shared_eval(out: Path, bases: Path) -> Path:
+    """Teacher and student base, scored once on both splits; every run links them."""
+    root = out / "shared_eval"
+    for split, sub in (("test", "eval"), ("val", "eval_val")):
+        for key, model in (("teacher", "teacher_sft"), ("student_base", "student_sft")):
+            target = root / sub / key
+            if not (target / "metrics.json").exists():
+                data = bases / "data" / f"{split}.json"
+                evaluate(
+                    EvalConfig(model=str(bases / model), data=str(data), out=str(target), score="number")
+                )
+    return root
+
+
+def run_regime(out: Path, bases: Path, shared: Path, name: str, seed: int, data: Path, threads: int) -> Path:
+    root = out / name / f"seed{seed}"
+    for sub in ("eval", "eval_val"):
+        for key in ("teacher", "student_base"):
+            _link(shared / sub / key, root / sub / key)
+    if (root / "results.json").exists():
+        return root
+    config = {
+        "out": str(root),
+        "teacher": str(bases / "teacher_sft"),
+        "student": str(bases / "student_sft"),
+        "train_data": str(data),
+        "test_data": str(bases / "data" / "test.json"),
+        "val_data": str(bases / "data" / "val.json"),
+        "seed": seed,
+        "controls": True,
+        "score": "number",
+        **{k: TINY_PRESET[k] for k in ("verbalize", "interact", "sft")},
+    }
+    path = root / "regime.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    _run([sys.executable, "-m", "vlsi.run.cli", "distill", "--config", str(path)], root / "log.txt", threads)
+    return root
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return 100 * statistics.mean(values), 100 * se
+
+
+def summarize(out: Path, seeds: list[int], regimes: list[str]) -> dict:
+    summary = {}
+    for name in regimes:
+        per_split = {}
+        for split, file in (("test", "results.json"), ("val", "results_val.json")):
+            runs = [out / name / f"seed{s}" / file for s in seeds]
+            done = [json.loads(p.read_text()) for p in runs if p.exists()]
+            if not done:
+                continue
+            acc = {k: [r[k]["accuracy"] for r in done] for k in ("teacher", "student_base", *ROWS)}
+            per_split[split] = {
+                "seeds": len(done),
+                "accuracy": {k: mean_se(v) for k, v in acc.items()},
+                "vlsi_minus_sft": mean_se(
+                    [a - b for a, b in zip(acc["vlsi"], acc["sft_control"], strict=True)]
+                ),
+                "kd_minus_sft": mean_se(
+                    [a - b for a, b in zip(acc["final_layer_kd"], acc["sft_control"], strict=True)]
+                ),
+                "step2_minus_sft": mean_se(
+                    [a - b for a, b in zip(acc["vlsi_step2"], acc["sft_control"], strict=True)]
+                ),
+            }
+        if per_split:
+            summary[name] = per_split
+    return summary
+
+
+def markdown(summary: dict, split: str) -> str:
+    def cell(pair):
+        return f"{pair[0]:+.1f} ± {pair[1]:.1f}" if not math.isnan(pair[1]) else f"{pair[0]:+.1f}"
+
+    lines = [
+        f"| regime ({split}) | seeds | teacher | base | SFT control | final-layer KD | VLsI after step 2 | VLsI "
+        "| VLsI − SFT | KD − SFT | step 2 − SFT |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, splits in summary.items():
+        if split not in splits:
+            continue
+        r = splits[split]
+        acc = " | ".join(f"{r['accuracy'][k][0]:.1f}" for k in ("teacher", "student_base", *ROWS))
+        diffs = " | ".join(cell(r[k]) for k in ("vlsi_minus_sft", "kd_minus_sft", "step2_minus_sft"))
+        lines.append(f"| {name} | {r['seeds']} | {acc} | {diffs} |")
+    return "\n".join(lines)
+
+
+def chart(summary: dict, path: Path, split: str = "test") -> None:
+    plt = _pyplot()
+    names = [n for n in summary if split in summary[n]]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.8))
+    for i, (key, label) in enumerate(
+        (("vlsi_minus_sft", "VLsI − SFT"), ("kd_minus_sft", "final-layer KD − SFT"))
+    ):
+        xs = [k + (i - 0.5) * 0.38 for k in range(len(names))]
+        values = [summary[n][split][key] for n in names]
+        ax.bar(
+            xs,
+            [v[0] for v in values],
+            0.38,
+            yerr=[0 if math.isnan(v[1]) else v[1] for v in values],
+            label=label,
+        )
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(f"{split} accuracy points vs the SFT control")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/regimes"))
+    parser.add_argument(
+        "--bases",
+        type=Path,
+        default=None,
+        help="a tiny run's root with data/, *_sft/ (default: trained into OUT/bases)",
+    )
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="the seed the bases' data was generated with"
+    )
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of steps 1-3 and the controls")
+    parser.add_argument("--regimes", default=",".join(REGIMES))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    regimes = [r.strip() for r in args.regimes.split(",")]
+    if unknown := [r for r in regimes if r not in REGIMES]:
+        raise SystemExit(f"unknown regimes {unknown}; choose from {list(REGIMES)}")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    t0 = time.perf_counter()
+    bases = args.bases
+    if bases is None:
+        bases = args.out / "bases"
+        _run(
+            [sys.executable, "-m", "vlsi.run.cli", "baselines", "--out", str(bases)],
+            bases / "log.txt",
+            os.cpu_count() or 1,
+        )
+    data = {name: regime_data(args.out, bases, name, args.data_seed) for name in regimes}
+    shared = shared_eval(args.out, bases)
+    # Seed-major order: every regime gets its first seeds before any gets its last.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        jobs = [
+            pool.submit(run_regime, args.out, bases, shared, name, seed, data[name], threads)
+            for seed in seeds
+            for name in regimes
+        ]
+        for job in jobs:
+            job.result()
+    summary = summarize(args.out, seeds, regimes)
+    text = "\n\n".join(markdown(summary, split) for split in ("test", "val"))
+    print(text)
+    print(f"regimes done in {time.perf_counter() - t0:.0f} s")
+    (args.out / "regimes.md").write_text(text + "\n")
+    (args.out / "regimes.json").write_text(json.dumps({"seeds": seeds, "regimes": summary}, indent=2))
+    chart(summary, args.out / "regimes.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
