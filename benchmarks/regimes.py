@@ -56,7 +56,11 @@ REGIMES: dict[str, dict | None] = {
 ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
 
 
-def regime_data(out: Path, bases: Path, name: str, seed: int) -> Path:
+def _images(path: Path) -> int:
+    return len({r["image"] for r in json.loads(path.read_text())})
+
+
+def regime_data(out: Path, bases: Path, name: str, seed: int, new_images: int = NEW_IMAGES) -> Path:
     """The regime's distillation file (built once; the images are those of every regime)."""
     options = REGIMES[name]
     if options is None:
@@ -67,11 +71,8 @@ def regime_data(out: Path, bases: Path, name: str, seed: int) -> Path:
     if not (root / "distill.json").exists():
         # The bases' test and validation images are regenerated (same seed, same streams) so the new images
         # avoid their digit combinations.
-        generate(
-            DigitsConfig(
-                out=str(root), train=0, test=200, val=100, distill=NEW_IMAGES, seed=seed, **data_options
-            )
-        )
+        held = {split: _images(bases / "data" / f"{split}.json") for split in ("test", "val")}
+        generate(DigitsConfig(out=str(root), train=0, **held, distill=new_images, seed=seed, **data_options))
         for split in ("test", "val"):
             if (root / f"{split}.json").read_bytes() != (bases / "data" / f"{split}.json").read_bytes():
                 raise SystemExit(
@@ -99,7 +100,9 @@ def shared_eval(out: Path, bases: Path) -> Path:
     return root
 
 
-def run_regime(out: Path, bases: Path, shared: Path, name: str, seed: int, data: Path, threads: int) -> Path:
+def run_regime(
+    out: Path, bases: Path, shared: Path, name: str, seed: int, data: Path, threads: int, extra: list[str]
+) -> Path:
     root = out / name / f"seed{seed}"
     for sub in ("eval", "eval_val"):
         for key in ("teacher", "student_base"):
@@ -121,7 +124,11 @@ def run_regime(out: Path, bases: Path, shared: Path, name: str, seed: int, data:
     path = root / "regime.yaml"
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    _run([sys.executable, "-m", "vlsi.run.cli", "distill", "--config", str(path)], root / "log.txt", threads)
+    _run(
+        [sys.executable, "-m", "vlsi.run.cli", "distill", "--config", str(path), *extra],
+        root / "log.txt",
+        threads,
+    )
     return root
 
 
@@ -218,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--new-images", type=int, default=NEW_IMAGES, help="images of the new distillation sets"
+    )
+    args, extra = parser.parse_known_args(argv)  # anything else goes to every `vlsi distill`
     seeds = [int(s) for s in args.seeds.split(",")]
     regimes = [r.strip() for r in args.regimes.split(",")]
     if unknown := [r for r in regimes if r not in REGIMES]:
@@ -233,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             bases / "log.txt",
             os.cpu_count() or 1,
         )
-    data = {name: regime_data(args.out, bases, name, args.data_seed) for name in regimes}
+    data = {name: regime_data(args.out, bases, name, args.data_seed, args.new_images) for name in regimes}
     shared = shared_eval(args.out, bases)
     # Seed-major order: every regime gets its first seeds before any gets its last.
     with ThreadPoolExecutor(args.jobs) as pool:
         jobs = [
-            pool.submit(run_regime, args.out, bases, shared, name, seed, data[name], threads)
+            pool.submit(run_regime, args.out, bases, shared, name, seed, data[name], threads, extra)
             for seed in seeds
             for name in regimes
         ]

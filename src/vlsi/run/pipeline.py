@@ -6,10 +6,13 @@ interrupted one back up (SFT resumes from its own checkpoints).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from vlsi.data.digits import DigitsConfig
 from vlsi.data.digits import generate as generate_digits
@@ -206,6 +209,9 @@ def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[st
 def run_baselines(cfg: BaselinesConfig) -> dict:
     root = Path(cfg.out)
     t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    # What benchmarks (plateau.py, regimes.py) read back: the settings these bases were trained with.
+    (root / "baselines_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     paths = prepare_tiny(cfg, root, cfg.student)
     names = ["teacher", "student"] if cfg.student else ["teacher"]
     results = {
