@@ -218,28 +218,3 @@ class VLProcessor:
             out.append(self.image_token * n)
             out.append(piece)
         return "".join(out)
-
-
-def check_pair(teacher: str | Path, student: str | Path) -> None:
-    """Refuses, from their config and tokenizer files alone, a teacher and student that are not one
-    family with one tokenizer: VLsI compares their distributions over one vocabulary id by id, and a
-    mismatch would train on noise without any error."""
-    from vlsi.model.loading import check_same_tokenizer
-
-    # A mistyped folder is named as one, not reported as a failed hub connection.
-    teacher, student = resolve_model(teacher), resolve_model(student)
-    families = {}
-    for role, path in (("teacher", teacher), ("student", student)):
-        try:
-            families[role] = family_for(AutoConfig.from_pretrained(path)).name
-        except ValueError as e:
-            raise ValueError(f"{role} {path}: {e}") from None
-    if families["teacher"] != families["student"]:
-        raise ValueError(
-            f"teacher {teacher} is {families['teacher']} but student {student} is {families['student']}: "
-            "VLsI needs one model family, whose models share a tokenizer and token-index order"
-        )
-    try:
-        check_same_tokenizer(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student))
-    except ValueError as e:
-        raise ValueError(f"teacher {teacher} and student {student} do not share a tokenizer: {e}") from None

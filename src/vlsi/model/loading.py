@@ -6,13 +6,17 @@ anything is read, so a mistyped folder is reported as one (not as a failed conne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 from transformers.utils import cached_file
 
-__all__ = ["check_same_tokenizer", "load_model", "resolve_model"]
+from vlsi.losses.vocab import SharedVocab, check_regular_vocab, compared_ids
+from vlsi.model.backbone import family_for
+
+__all__ = ["Pair", "check_pair", "check_same_tokenizer", "load_model", "resolve_model"]
 
 
 def resolve_model(name: str | Path) -> str:
@@ -77,3 +81,53 @@ def check_same_tokenizer(tok_a, tok_b, max_report: int = 5) -> int:
             + "\n  ".join(problems)
         )
     return size
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A checked teacher / student pair: their families and the vocabulary they are compared over."""
+
+    teacher_family: str
+    student_family: str
+    vocab: SharedVocab
+
+    @property
+    def cross_family(self) -> bool:
+        """Whether each model needs its own rendering of every record (:mod:`vlsi.data.pairs`)."""
+        return self.teacher_family != self.student_family
+
+
+def check_pair(teacher: str | Path, student: str | Path) -> Pair:
+    """Refuses, from their config and tokenizer files alone (before any weight is loaded), a teacher and
+    student whose distributions cannot be compared; returns their families and the vocabulary they are compared over.
+
+    One family must share the tokenizer (:func:`check_same_tokenizer`). Two families must agree on every
+    regular token, the tokens a response is written in (:func:`vlsi.losses.vocab.check_regular_vocab`);
+    their special tokens may differ and are then left out of every divergence
+    (:class:`vlsi.losses.vocab.SharedVocab`). A mismatch would otherwise train on noise without any error.
+    """
+    # A mistyped folder is named as one, not reported as a failed hub connection.
+    teacher, student = resolve_model(teacher), resolve_model(student)
+    families = {}
+    for role, path in (("teacher", teacher), ("student", student)):
+        try:
+            families[role] = family_for(AutoConfig.from_pretrained(path)).name
+        except ValueError as e:
+            raise ValueError(f"{role} {path}: {e}") from None
+    tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    if families["teacher"] == families["student"]:
+        try:
+            check_same_tokenizer(tok_t, tok_s)
+        except ValueError as e:
+            raise ValueError(
+                f"teacher {teacher} and student {student} do not share a tokenizer: {e}"
+            ) from None
+        return Pair(families["teacher"], families["student"], SharedVocab())
+    try:
+        check_regular_vocab(tok_t, tok_s)
+    except ValueError as e:
+        raise ValueError(
+            f"teacher {teacher} ({families['teacher']}) and student {student} ({families['student']}) cannot "
+            f"be paired: {e}"
+        ) from None
+    return Pair(families["teacher"], families["student"], SharedVocab(compared_ids(tok_t, tok_s)))

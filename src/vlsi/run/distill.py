@@ -29,9 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from vlsi.data.processing import check_pair
 from vlsi.model.backbone import parse_layers
 from vlsi.model.export import is_exported
+from vlsi.model.loading import check_pair
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
