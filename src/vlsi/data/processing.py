@@ -110,6 +110,7 @@ RULES = {
     "qwen2_vl": GridRule,
     "qwen2_5_vl": GridRule,
     "qwen3_vl": GridRule,
+    "qwen3_vl_moe": GridRule,
     "llava_onevision": AnyresRule,
 }
 

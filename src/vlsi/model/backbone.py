@@ -50,7 +50,7 @@ class Family:
     injects_between_layers: bool = False
 
 
-# The transformers v5 layout is shared by all four: the *ForConditionalGeneration wraps a `model` holding the
+# The transformers v5 layout is shared by all of them: the *ForConditionalGeneration wraps a `model` holding the
 # vision tower and the text `language_model`, and owns `lm_head` itself.
 _V5_TEXT = dict(
     decoder_layers="model.language_model.layers",
@@ -66,6 +66,15 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="qwen3_vl",
             model_types=("qwen3_vl",),
+            vision_tower="model.visual",
+            injects_between_layers=True,
+            **_V5_TEXT,
+        ),
+        # Qwen3-VL's mixture-of-experts sizes (30B-A3B, 235B-A22B): the same layout and deepstack; the
+        # experts are fused 3-D parameters, not linear layers, so LoRA adapts attention (and any dense MLP).
+        Family(
+            name="qwen3_vl_moe",
+            model_types=("qwen3_vl_moe",),
             vision_tower="model.visual",
             injects_between_layers=True,
             **_V5_TEXT,

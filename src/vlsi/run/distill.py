@@ -153,7 +153,7 @@ class Distiller:
         print(f"[run ] teacher cache in {path}")
         build_teacher_cache(
             TeacherCacheConfig(
-                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
+                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path, student=self.student,
                 max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
                 kd_temperature=settings.kd_temperature,
             )
