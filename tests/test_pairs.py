@@ -10,9 +10,10 @@ from transformers import PreTrainedTokenizerFast
 
 from vlsi.data.pairs import RESPONSE_MISMATCH, TEACHER_INPUTS, PairEncoder, collate_pairs
 from vlsi.data.processing import GridRule, VLProcessor
-from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder
+from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.chunked import LABELS, Term, head_losses
 from vlsi.losses.divergences import divergence
+from vlsi.losses.tokens import IGNORE_INDEX
 from vlsi.losses.vocab import SharedVocab, check_regular_vocab, compared_ids, regular_vocab
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]

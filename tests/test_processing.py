@@ -234,3 +234,10 @@ def test_auto_processor_gives_the_same_inputs_where_torchvision_exists(family, f
     stock = stock_inputs(processor, AutoProcessor.from_pretrained(path), rec, tmp_path)
     assert ours["input_ids"].tolist() == stock["input_ids"][0].tolist()
     assert torch.allclose(ours["pixel_values"], stock["pixel_values"], atol=1e-5)
+
+
+def test_every_family_has_its_placeholder_rule():
+    from vlsi.data.processing import PLACEHOLDERS
+    from vlsi.model.backbone import FAMILIES
+
+    assert set(PLACEHOLDERS) == {mt for family in FAMILIES.values() for mt in family.model_types}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from vlsi.data.records import IGNORE_INDEX, Encoder, RecordError, collate
+from vlsi.data.records import Encoder, RecordError, collate
+from vlsi.losses.tokens import IGNORE_INDEX
 
 __all__ = ["RESPONSE_MISMATCH", "TEACHER_INPUTS", "PairEncoder", "collate_pairs", "response_ids"]
 

@@ -43,7 +43,6 @@ class Family:
     vision_tower: str
     text_config_attr: str = "text_config"
     lora_target_modules: tuple[str, ...] = _DEFAULT_LORA_TARGETS
-    image_token: str = "<|image_pad|>"
     # Qwen3-VL ("deepstack") adds visual features to the residual stream *between* decoder layers, outside the
     # layer modules. A layer's own output then is not what the next layer (or the final norm) reads, so for such
     # families the state is taken at the input of whichever module consumes it.
@@ -83,7 +82,6 @@ FAMILIES: dict[str, Family] = {
             name="llava_onevision",
             model_types=("llava_onevision",),
             vision_tower="model.vision_tower",
-            image_token="<image>",
             **_V5_TEXT,
         ),
     )

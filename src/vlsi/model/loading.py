@@ -1,7 +1,6 @@
-"""Loading a VLM checkpoint: where the name points, the model itself, and whether two tokenizers agree.
+"""Loading a VLM checkpoint, and whether a teacher and a student can be paired.
 
-A model is named by a local checkpoint folder or a hub id. :func:`resolve_model` tells the two apart before
-anything is read, so a mistyped folder is reported as one (not as a failed connection to the hub).
+A model is named by a local checkpoint folder or a hub id (:func:`vlsi.hub.resolve_model`).
 """
 
 from __future__ import annotations
@@ -11,29 +10,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-from transformers.utils import cached_file
 
+from vlsi.hub import resolve_model
 from vlsi.losses.vocab import SharedVocab, check_regular_vocab, compared_ids
 from vlsi.model.backbone import family_for
 
 __all__ = ["Pair", "check_pair", "check_same_tokenizer", "load_model", "resolve_model"]
-
-
-def resolve_model(name: str | Path) -> str:
-    """``name`` as ``from_pretrained`` should read it: an existing folder, or a hub id whose ``config.json``
-    can be found (in the local cache or on the hub). Raises ``ValueError`` saying which it is not."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise ValueError(f"{str(name)!r} is a file; a model is a checkpoint folder or a hub id")
-    try:
-        cached_file(str(name), "config.json")
-    except (OSError, ValueError) as e:  # no such repo, no connection, or not a valid repo id at all
-        raise ValueError(
-            f"{str(name)!r} is not a folder, and the hub id could not be reached/resolved: {e}"
-        ) from None
-    return str(name)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto", **kwargs):

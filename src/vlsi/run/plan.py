@@ -20,7 +20,7 @@ from torch import nn
 
 from vlsi.model.backbone import Backbone, get_module, parse_layers
 from vlsi.run.config import build_config, read_config_file
-from vlsi.run.memory import GIB, estimate_memory, lora_parameters, verbalizer_parameters
+from vlsi.run.memory import GIB, ModelSummary, estimate_memory, lora_parameters, verbalizer_parameters
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -112,35 +112,6 @@ def _count(params) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-@dataclass
-class ModelSummary:
-    """What the plan needs of one model; ``model`` is its meta-device instance."""
-
-    name: str
-    source: str
-    config: object
-    model: nn.Module
-    family: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    head_width: int
-    total: int
-    language: int
-    largest_layer: int
-    # A mixture of experts computes with each token's routed experts only: the parameters one token meets.
-    active: int | None = None
-
-    @property
-    def vision(self) -> int:
-        """Vision tower plus projector: everything outside the language model and its head."""
-        return self.total - self.language
-
-    @property
-    def backbone(self) -> Backbone:
-        return Backbone(self.model)
 
 
 def _moe(model: nn.Module, text_config) -> tuple[int, int] | None:

@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder
 from vlsi.data.processing import VLProcessor
-from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder, collate
+from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, _chunks
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
-from vlsi.losses.tokens import count_response_tokens, shift_labels
+from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, shift_labels
 from vlsi.model.loading import check_pair
 from vlsi.train.checkpointing import fingerprint as settings_hash
 from vlsi.train.interact import Reader, _load_teacher, teacher_response_states
