@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from vlsi.data.records import IGNORE_INDEX  # noqa: E402
+from vlsi.losses.tokens import IGNORE_INDEX  # noqa: E402
 
 IMPLS = ("off", "reference", "chunked")
 # Approximate elementwise ops per [token, vocabulary] element, for the FLOP count: a log-softmax reads,

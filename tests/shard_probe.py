@@ -7,6 +7,10 @@ batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fractio
 what share of a decoder layer's weights a process still holds after the forward, whether the language head
 stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.train.engines.whole_weights`
 is from the whole model's, and whether the layers are sharded again afterwards.
+
+With ``STUDENT STUDENT_VERBALIZERS`` after ``RESULT.json`` it also writes ``{"loss_whole", "loss_sharded"}``:
+step 2's loss (uniform matching, every term) of that student against the whole teacher, as one process
+computes it, and against the sharded one.
 """
 
 from __future__ import annotations
@@ -35,7 +39,29 @@ def read_all(backbone: Backbone, verbalizers: Verbalizers, batch: dict) -> dict:
     return logits
 
 
-def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
+def step2_loss(teacher: Backbone, teacher_verbalizers: Verbalizers, student, batch: dict) -> float:
+    from vlsi.train.interact import Reader, teacher_response_states
+
+    states = teacher_response_states(teacher, teacher_verbalizers.layers, batch)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        loss, _, _ = student(
+            batch, states, Reader(teacher, teacher_verbalizers), teacher_verbalizers.layers, generator
+        )
+    return loss.item()
+
+
+def load_student(path: str, verbalizers: str):
+    from vlsi.train.interact import InteractConfig, InteractingStudent
+
+    model = load_model(path, dtype=torch.float32).eval()
+    cfg = InteractConfig(student=path, student_verbalizers=verbalizers, data="", out="", strategy="uniform")
+    return InteractingStudent(model, Verbalizers.load(verbalizers, Backbone(model)), cfg)
+
+
+def main(
+    teacher: str, verbalizers: str, data: str, result: str, student: str = "", student_verbalizers: str = ""
+) -> None:
     dist.init_process_group("gloo")
     processor = VLProcessor.from_pretrained(teacher)
     dataset = ChatDataset(data, Encoder(processor, 2048))
@@ -47,7 +73,8 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
     model = load_model(teacher, dtype=torch.float32).eval().requires_grad_(False)
     shard_frozen_layers(model, Backbone(model).layers)
     sharded = Backbone(model)
-    got = read_all(sharded, Verbalizers.load(verbalizers, sharded), batch)
+    sharded_verbalizers = Verbalizers.load(verbalizers, sharded)
+    got = read_all(sharded, sharded_verbalizers, batch)
 
     layer = list(sharded.layers[0].parameters())
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in layer)
@@ -64,6 +91,10 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
             exported = {k: v.clone() for k, v in model.state_dict().items()}
             out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
     out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
+    if student:
+        learner = load_student(student, student_verbalizers)
+        out["loss_whole"] = step2_loss(whole, Verbalizers.load(verbalizers, whole), learner, batch)
+        out["loss_sharded"] = step2_loss(sharded, sharded_verbalizers, learner, batch)
     if dist.get_rank() == 0:
         with open(result, "w") as f:
             json.dump(out, f)
@@ -71,4 +102,4 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:7])

@@ -167,3 +167,41 @@ def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     assert (
         got["export_diff"] == 0.0 and got["sharded_after_export"]
     )  # engines.whole_weights, as exports use it
+
+
+@pytest.fixture(scope="module")
+def moe_pair(tmp_path_factory):
+    """The tiny Qwen3-VL MoE teacher and student (``vlsi tiny --family qwen3_vl_moe``), each with logit-lens
+    verbalizers on every layer but its last."""
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import load_model
+    from vlsi.model.tiny import TinyConfig
+    from vlsi.model.tiny_models import build_tiny
+    from vlsi.model.verbalizer import base_model_info, build_verbalizers
+
+    root = tmp_path_factory.mktemp("moe")
+    paths = build_tiny(TinyConfig(out=str(root / "models"), family="qwen3_vl_moe"))
+    for name in ("teacher", "student"):
+        backbone = Backbone(load_model(paths[name], dtype=torch.float32))
+        layers = list(range(backbone.num_layers - 1))
+        paths[f"{name}_verbalizers"] = build_verbalizers(backbone, layers).save(
+            root / f"{name}_verbalizers", base_model_info(backbone)
+        )
+    return paths
+
+
+def test_step2_with_an_moe_teacher_sharded_over_two_processes_equals_one_process(
+    tmp_path, moe_pair, synth_data
+):
+    """FSDP2 shards the frozen MoE teacher's decoder layers (its fused experts among them) over two processes;
+    its verbalized logits and step 2's loss are those of the whole teacher in one process."""
+    result = tmp_path / "shard.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(SHARD_PROBE), str(moe_pair["teacher"])]
+    cmd += [str(moe_pair["teacher_verbalizers"]), str(synth_data / "train.json"), str(result)]
+    cmd += [str(moe_pair["student"]), str(moe_pair["student_verbalizers"])]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    got = json.loads(result.read_text())
+    assert got["max_diff"] < 1e-5 and got["layer_shard_fraction"] == 0.5
+    assert got["loss_whole"] > 0 and got["loss_sharded"] == pytest.approx(got["loss_whole"], rel=1e-5)

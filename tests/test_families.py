@@ -1,6 +1,7 @@
 """Every supported family end to end: its tiny pair, every step on it, and the export with the stock class."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 from vlsi.data.processing import VLProcessor
@@ -27,6 +29,7 @@ STOCK_CLASS = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "qwen3_vl": Qwen3VLForConditionalGeneration,
+    "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
 FAMILIES = list(STOCK_CLASS)
@@ -67,21 +70,44 @@ def test_tiny_pair_of_each_family(family, family_models):
         assert (paths["teacher"] / name).read_bytes() == (paths["student"] / name).read_bytes()
 
 
+def test_the_tiny_mixture_of_experts_routes_each_token_to_half_its_experts(family_models):
+    teacher = AutoModelForImageTextToText.from_pretrained(family_models("qwen3_vl_moe")["teacher"])
+    text = teacher.config.text_config
+    assert (text.num_experts, text.num_experts_per_tok) == (4, 2)
+    assert (
+        text.moe_intermediate_size * text.num_experts_per_tok == FAMILY_SIZES["teacher"]["intermediate_size"]
+    )
+    assert type(Backbone(teacher).layers[0].mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock"
+    # Every decoder layer is sparse, and the whole pair stays as small as the dense families' (checked above).
+    assert all(type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in Backbone(teacher).layers)
+
+
 def test_an_unknown_family_is_refused_naming_the_known_ones(tmp_path, capsys):
     assert main(["tiny", "--family", "llava", "--out", str(tmp_path / "m")]) == 2
-    assert "unknown family 'llava'; vlsi tiny builds qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision" in (
-        capsys.readouterr().err
+    assert (
+        "unknown family 'llava'; vlsi tiny builds qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava_onevision"
+        in (capsys.readouterr().err)
     )
     assert not (tmp_path / "m").exists()
 
 
-def test_two_families_are_refused_before_any_compute(family_models, synth_data, tmp_path, capsys):
-    teacher, student = family_models("qwen3_vl")["teacher"], family_models("llava_onevision")["student"]
+def test_two_families_with_other_regular_vocabularies_are_refused_before_any_compute(
+    family_models, synth_data, tmp_path, capsys
+):
+    teacher, student = tmp_path / "teacher", family_models("llava_onevision")["student"]
+    shutil.copytree(family_models("qwen3_vl")["teacher"], teacher)
+    tokenizer = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = list(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (teacher / "model.safetensors").unlink()  # nothing may need the weights to refuse the pair
     out = tmp_path / "run"
     args = ["distill", "--teacher", str(teacher), "--student", str(student), "--out", str(out)]
     assert main([*args, "--train-data", str(synth_data / "train.json")]) == 2
     err = capsys.readouterr().err
-    assert f"teacher {teacher} is qwen3_vl but student {student} is llava_onevision" in err
+    assert f"teacher {teacher} (qwen3_vl) and student {student} (llava_onevision) cannot be paired" in err
+    assert "2 with other ids" in err and repr(a) in err
     assert not list(out.glob("step1_*"))
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlsi.data.records import IGNORE_INDEX
-from vlsi.losses.tokens import count_response_tokens, response_cross_entropy, shift_labels
+from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, response_cross_entropy, shift_labels
 from vlsi.train.optim import cosine_with_warmup
 
 

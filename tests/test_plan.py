@@ -147,8 +147,10 @@ def test_padding_rows_are_allowed_and_noted(summaries):
 
 
 def test_a_different_tokenizer_is_refused(summaries, tmp_path):
-    with pytest.raises(ValueError, match="different model families"):
-        check_pair(summaries[QWEN_72B], summaries[OV.format("0.5b")])
+    # Two families: allowed, their regular vocabularies compared from the tokenizers when the run starts.
+    notes = check_pair(summaries[QWEN_72B], summaries[OV.format("0.5b")])
+    assert "two families (qwen2_vl teacher, llava_onevision student)" in notes[0]
+    assert "before any weight is loaded" in notes[1]
     # Same family, but the special ids say it is another tokenizer.
     bent = json.loads((ROOT / "configs/models/Qwen--Qwen2-VL-2B-Instruct/config.json").read_text())
     bent["eos_token_id"] = 151643
@@ -235,3 +237,47 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["tokens_per_second"] > 0 and len(result["losses"]) == 2
     assert result["plan_estimate_gib"]["total"] > 0
+
+
+def _tiny_recipe(tmp_path, teacher, student, layers=("1,3", "1")) -> Path:
+    recipe = yaml.safe_load((ROOT / "configs/recipes/qwen2vl-72b-to-2b.yaml").read_text())
+    recipe.update(
+        teacher=str(teacher), student=str(student), teacher_layers=layers[0], student_layers=layers[1]
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_vlsi_plan_of_a_mixture_of_experts_teacher_for_a_dense_student(family_models, tmp_path, capsys):
+    teacher, student = family_models("qwen3_vl_moe")["teacher"], family_models("qwen3_vl")["student"]
+    assert (
+        main(["plan", str(_tiny_recipe(tmp_path, teacher, student)), "--engine", "fsdp", "--gpus", "2"]) == 0
+    )
+    out = capsys.readouterr().out
+    moe = summarize(str(teacher))
+    # 4 experts, 2 per token: half of the expert weights are active.
+    experts = sum(
+        p.numel() for m in moe.model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters()
+    )
+    assert experts and moe.active == moe.total - experts // 2
+    assert moe.intermediate_size == 2 * moe.config.text_config.moe_intermediate_size
+    assert f"mixture of experts: {moe.active / 1e6:.1f}M active of {moe.total / 1e6:.1f}M per token" in out
+    assert "two families (qwen3_vl_moe teacher, qwen3_vl student)" in out
+    assert "tokenizers: the same" in out
+    for step in ("1 verbalize teacher", "1 verbalize student", "2 interact", "3 sft"):
+        assert step in out
+
+
+def test_vlsi_plan_refuses_two_families_with_other_regular_vocabularies(family_models, tmp_path):
+    other = tmp_path / "student"
+    shutil.copytree(
+        family_models("llava_onevision")["student"], other, ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="2 with other ids"):
+        make_plan(PlanConfig(recipe=str(_tiny_recipe(tmp_path, family_models("qwen3_vl")["teacher"], other))))

@@ -21,8 +21,9 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from vlsi.data.processing import VLProcessor, check_pair
+from vlsi.data.processing import VLProcessor
 from vlsi.data.records import Encoder, collate, to_messages
+from vlsi.model.loading import check_pair
 
 STOCK = {
     "qwen2_vl": Qwen2VLProcessor,
@@ -160,12 +161,19 @@ def test_an_image_the_processor_refuses_is_a_skipped_counted_record(family, fami
         }
 
 
-def test_a_pair_of_two_families_or_two_tokenizers_is_refused_naming_both(family_models, tmp_path):
+def test_two_families_pair_on_their_regular_vocabulary_and_two_tokenizers_are_refused(
+    family_models, tmp_path
+):
     qwen, llava = family_models("qwen2_5_vl"), family_models("llava_onevision")
-    check_pair(qwen["teacher"], qwen["student"])
-    with pytest.raises(ValueError, match="is qwen2_5_vl but student .* is llava_onevision") as err:
-        check_pair(qwen["teacher"], llava["student"])
-    assert str(qwen["teacher"]) in str(err.value) and str(llava["student"]) in str(err.value)
+    assert not check_pair(qwen["teacher"], qwen["student"]).cross_family
+    # LLaVA-OneVision's <image> and <video> are added on top of the shared BPE: left out of the divergences.
+    pair = check_pair(qwen["teacher"], llava["student"])
+    assert pair.cross_family and (pair.teacher_family, pair.student_family) == (
+        "qwen2_5_vl",
+        "llava_onevision",
+    )
+    qwen_tok = VLProcessor.from_pretrained(qwen["teacher"]).tokenizer
+    assert pair.vocab.keep.tolist() == list(range(len(qwen_tok)))
     # Same family, another tokenizer: two token ids swapped (the merges still load).
     other = tmp_path / "other"
     shutil.copytree(qwen["teacher"], other)
@@ -177,6 +185,13 @@ def test_a_pair_of_two_families_or_two_tokenizers_is_refused_naming_both(family_
     with pytest.raises(ValueError, match="do not share a tokenizer") as err:
         check_pair(other, qwen["student"])
     assert str(other) in str(err.value) and str(qwen["student"]) in str(err.value)
+    # Two families whose regular vocabularies differ: refused from the files alone, before any weight is
+    # read (this teacher has none left), naming the tokens that differ.
+    (other / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="2 with other ids: ") as err:
+        check_pair(other, llava["student"])
+    assert repr(a) in str(err.value) and repr(b) in str(err.value)
+    assert "(qwen2_5_vl) and student" in str(err.value) and "cannot be paired" in str(err.value)
 
 
 def test_a_checkpoint_whose_tokenizer_lacks_the_image_token_is_refused(family_models, tmp_path):
@@ -219,3 +234,10 @@ def test_auto_processor_gives_the_same_inputs_where_torchvision_exists(family, f
     stock = stock_inputs(processor, AutoProcessor.from_pretrained(path), rec, tmp_path)
     assert ours["input_ids"].tolist() == stock["input_ids"][0].tolist()
     assert torch.allclose(ours["pixel_values"], stock["pixel_values"], atol=1e-5)
+
+
+def test_every_family_has_its_placeholder_rule():
+    from vlsi.data.processing import PLACEHOLDERS
+    from vlsi.model.backbone import FAMILIES
+
+    assert set(PLACEHOLDERS) == {mt for family in FAMILIES.values() for mt in family.model_types}

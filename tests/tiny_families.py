@@ -19,6 +19,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 VOCAB = 320
@@ -133,6 +135,16 @@ def qwen3_vl_config() -> Qwen3VLConfig:
     )
 
 
+def qwen3_vl_moe_config() -> Qwen3VLMoeConfig:
+    dense = qwen3_vl_config().to_dict()
+    text, vision = dense["text_config"], dense["vision_config"]
+    for part in (text, vision):
+        part.pop("model_type", None)
+    # Four experts, two per token; layer 1 keeps a dense MLP, so both kinds of layer run.
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN, mlp_only_layers=[1])
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_qwen_token_ids())
+
+
 def llava_onevision_config() -> LlavaOnevisionConfig:
     return LlavaOnevisionConfig(
         text_config=dict(model_type="qwen2", **_text_kwargs()),
@@ -224,6 +236,9 @@ TINY = {
     "qwen2_vl": TinySpec("qwen2_vl", qwen2_vl_config, Qwen2VLForConditionalGeneration, qwen_inputs),
     "qwen2_5_vl": TinySpec("qwen2_5_vl", qwen2_5_vl_config, Qwen2_5_VLForConditionalGeneration, qwen_inputs),
     "qwen3_vl": TinySpec("qwen3_vl", qwen3_vl_config, Qwen3VLForConditionalGeneration, qwen_inputs),
+    "qwen3_vl_moe": TinySpec(
+        "qwen3_vl_moe", qwen3_vl_moe_config, Qwen3VLMoeForConditionalGeneration, qwen_inputs
+    ),
     "llava_onevision": TinySpec(
         "llava_onevision",
         llava_onevision_config,

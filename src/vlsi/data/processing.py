@@ -23,8 +23,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.image_processing_utils import select_best_resolution
 
-from vlsi.model.backbone import family_for
-from vlsi.model.loading import resolve_model
+from vlsi.hub import resolve_model
 
 # Processor files that vlsi does not read but that ``AutoProcessor`` needs (where torchvision exists);
 # an export copies them from the checkpoint it started from.
@@ -105,12 +104,14 @@ class AnyresRule:
         return rows * cols + rows
 
 
-# The placeholder rule of each family (vlsi.model.backbone.FAMILIES names the families).
-RULES = {
-    "qwen2_vl": GridRule,
-    "qwen2_5_vl": GridRule,
-    "qwen3_vl": GridRule,
-    "llava_onevision": AnyresRule,
+# Per model type (the families of vlsi.model.backbone.FAMILIES): the image placeholder its chat template
+# writes and the rule of how many copies of it an image becomes.
+PLACEHOLDERS = {
+    "qwen2_vl": ("<|image_pad|>", GridRule),
+    "qwen2_5_vl": ("<|image_pad|>", GridRule),
+    "qwen3_vl": ("<|image_pad|>", GridRule),
+    "qwen3_vl_moe": ("<|image_pad|>", GridRule),
+    "llava_onevision": ("<image>", AnyresRule),
 }
 
 
@@ -143,30 +144,32 @@ class VLProcessor:
     def from_pretrained(cls, path: str | Path) -> VLProcessor:
         path = resolve_model(path)  # a mistyped folder is named as one, not as a failed hub connection
         config = AutoConfig.from_pretrained(path)
-        try:
-            family = family_for(config)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        if config.model_type not in PLACEHOLDERS:
+            raise ValueError(
+                f"{path}: unsupported model type {config.model_type!r}; supported model types: "
+                + ", ".join(sorted(PLACEHOLDERS))
+            )
+        image_token, rule_cls = PLACEHOLDERS[config.model_type]
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = _chat_template(Path(path))
-        token_id = tokenizer.convert_tokens_to_ids(family.image_token)
+        token_id = tokenizer.convert_tokens_to_ids(image_token)
         expected = getattr(config, "image_token_id", None)
         if expected is None:
             expected = getattr(config, "image_token_index", None)
         if token_id is None or token_id == tokenizer.unk_token_id or token_id != expected:
             raise ValueError(
-                f"{path}: the tokenizer spells {family.image_token!r} as id {token_id}, "
+                f"{path}: the tokenizer spells {image_token!r} as id {token_id}, "
                 f"but the model's image token id is {expected}"
             )
         # The PIL backend needs no torchvision and gives the same numbers as the torchvision one.
         image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         try:
-            rule = RULES[family.name](image_processor, config)
+            rule = rule_cls(image_processor, config)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         local = Path(path) if Path(path).is_dir() else None
-        return cls(tokenizer, image_processor, config.model_type, family.image_token, rule, local)
+        return cls(tokenizer, image_processor, config.model_type, image_token, rule, local)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -218,28 +221,3 @@ class VLProcessor:
             out.append(self.image_token * n)
             out.append(piece)
         return "".join(out)
-
-
-def check_pair(teacher: str | Path, student: str | Path) -> None:
-    """Refuses, from their config and tokenizer files alone, a teacher and student that are not one
-    family with one tokenizer: VLsI compares their distributions over one vocabulary id by id, and a
-    mismatch would train on noise without any error."""
-    from vlsi.model.loading import check_same_tokenizer
-
-    # A mistyped folder is named as one, not reported as a failed hub connection.
-    teacher, student = resolve_model(teacher), resolve_model(student)
-    families = {}
-    for role, path in (("teacher", teacher), ("student", student)):
-        try:
-            families[role] = family_for(AutoConfig.from_pretrained(path)).name
-        except ValueError as e:
-            raise ValueError(f"{role} {path}: {e}") from None
-    if families["teacher"] != families["student"]:
-        raise ValueError(
-            f"teacher {teacher} is {families['teacher']} but student {student} is {families['student']}: "
-            "VLsI needs one model family, whose models share a tokenizer and token-index order"
-        )
-    try:
-        check_same_tokenizer(AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student))
-    except ValueError as e:
-        raise ValueError(f"teacher {teacher} and student {student} do not share a tokenizer: {e}") from None

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlsi.data.processing import VLProcessor
+from vlsi.losses.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # Per-image (or per-record) tensors beside pixel_values, concatenated over a batch's records.
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")
 IMAGE_PLACEHOLDER = "<image>"

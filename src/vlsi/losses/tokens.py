@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlsi.data.records import IGNORE_INDEX
+# The label of a position that is not trained on (prompt, image, padding): cross-entropy's ignore_index.
+IGNORE_INDEX = -100
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,13 @@ class Family:
     vision_tower: str
     text_config_attr: str = "text_config"
     lora_target_modules: tuple[str, ...] = _DEFAULT_LORA_TARGETS
-    image_token: str = "<|image_pad|>"
     # Qwen3-VL ("deepstack") adds visual features to the residual stream *between* decoder layers, outside the
     # layer modules. A layer's own output then is not what the next layer (or the final norm) reads, so for such
     # families the state is taken at the input of whichever module consumes it.
     injects_between_layers: bool = False
 
 
-# The transformers v5 layout is shared by all four: the *ForConditionalGeneration wraps a `model` holding the
+# The transformers v5 layout is shared by all of them: the *ForConditionalGeneration wraps a `model` holding the
 # vision tower and the text `language_model`, and owns `lm_head` itself.
 _V5_TEXT = dict(
     decoder_layers="model.language_model.layers",
@@ -70,11 +69,19 @@ FAMILIES: dict[str, Family] = {
             injects_between_layers=True,
             **_V5_TEXT,
         ),
+        # Qwen3-VL's mixture-of-experts sizes (30B-A3B, 235B-A22B): the same layout and deepstack; the
+        # experts are fused 3-D parameters, not linear layers, so LoRA adapts attention (and any dense MLP).
+        Family(
+            name="qwen3_vl_moe",
+            model_types=("qwen3_vl_moe",),
+            vision_tower="model.visual",
+            injects_between_layers=True,
+            **_V5_TEXT,
+        ),
         Family(
             name="llava_onevision",
             model_types=("llava_onevision",),
             vision_tower="model.vision_tower",
-            image_token="<image>",
             **_V5_TEXT,
         ),
     )

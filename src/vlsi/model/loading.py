@@ -1,35 +1,21 @@
-"""Loading a VLM checkpoint: where the name points, the model itself, and whether two tokenizers agree.
+"""Loading a VLM checkpoint, and whether a teacher and a student can be paired.
 
-A model is named by a local checkpoint folder or a hub id. :func:`resolve_model` tells the two apart before
-anything is read, so a mistyped folder is reported as one (not as a failed connection to the hub).
+A model is named by a local checkpoint folder or a hub id (:func:`vlsi.hub.resolve_model`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText
-from transformers.utils import cached_file
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-__all__ = ["check_same_tokenizer", "load_model", "resolve_model"]
+from vlsi.hub import resolve_model
+from vlsi.losses.vocab import SharedVocab, check_regular_vocab, compared_ids
+from vlsi.model.backbone import family_for
 
-
-def resolve_model(name: str | Path) -> str:
-    """``name`` as ``from_pretrained`` should read it: an existing folder, or a hub id whose ``config.json``
-    can be found (in the local cache or on the hub). Raises ``ValueError`` saying which it is not."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise ValueError(f"{str(name)!r} is a file; a model is a checkpoint folder or a hub id")
-    try:
-        cached_file(str(name), "config.json")
-    except (OSError, ValueError) as e:  # no such repo, no connection, or not a valid repo id at all
-        raise ValueError(
-            f"{str(name)!r} is not a folder, and the hub id could not be reached/resolved: {e}"
-        ) from None
-    return str(name)
+__all__ = ["Pair", "check_pair", "check_same_tokenizer", "load_model", "resolve_model"]
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto", **kwargs):
@@ -77,3 +63,53 @@ def check_same_tokenizer(tok_a, tok_b, max_report: int = 5) -> int:
             + "\n  ".join(problems)
         )
     return size
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A checked teacher / student pair: their families and the vocabulary they are compared over."""
+
+    teacher_family: str
+    student_family: str
+    vocab: SharedVocab
+
+    @property
+    def cross_family(self) -> bool:
+        """Whether each model needs its own rendering of every record (:mod:`vlsi.data.pairs`)."""
+        return self.teacher_family != self.student_family
+
+
+def check_pair(teacher: str | Path, student: str | Path) -> Pair:
+    """Refuses, from their config and tokenizer files alone (before any weight is loaded), a teacher and
+    student whose distributions cannot be compared; returns their families and the vocabulary they are compared over.
+
+    One family must share the tokenizer (:func:`check_same_tokenizer`). Two families must agree on every
+    regular token, the tokens a response is written in (:func:`vlsi.losses.vocab.check_regular_vocab`);
+    their special tokens may differ and are then left out of every divergence
+    (:class:`vlsi.losses.vocab.SharedVocab`). A mismatch would otherwise train on noise without any error.
+    """
+    # A mistyped folder is named as one, not reported as a failed hub connection.
+    teacher, student = resolve_model(teacher), resolve_model(student)
+    families = {}
+    for role, path in (("teacher", teacher), ("student", student)):
+        try:
+            families[role] = family_for(AutoConfig.from_pretrained(path)).name
+        except ValueError as e:
+            raise ValueError(f"{role} {path}: {e}") from None
+    tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    if families["teacher"] == families["student"]:
+        try:
+            check_same_tokenizer(tok_t, tok_s)
+        except ValueError as e:
+            raise ValueError(
+                f"teacher {teacher} and student {student} do not share a tokenizer: {e}"
+            ) from None
+        return Pair(families["teacher"], families["student"], SharedVocab())
+    try:
+        check_regular_vocab(tok_t, tok_s)
+    except ValueError as e:
+        raise ValueError(
+            f"teacher {teacher} ({families['teacher']}) and student {student} ({families['student']}) cannot "
+            f"be paired: {e}"
+        ) from None
+    return Pair(families["teacher"], families["student"], SharedVocab(compared_ids(tok_t, tok_s)))

@@ -76,7 +76,7 @@ class TinyConfig:
     out: str = field(metadata={"help": "output directory; writes OUT/teacher and OUT/student"})
     family: str = field(
         default="qwen2_vl",
-        metadata={"help": "model family: qwen2_vl, qwen2_5_vl, qwen3_vl or llava_onevision"},
+        metadata={"help": "model family: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe or llava_onevision"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the random weights"})
     vocab_size: int = field(default=512, metadata={"help": "byte-level BPE vocabulary size (incl. specials)"})

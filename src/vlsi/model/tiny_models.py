@@ -1,6 +1,6 @@
 """The tiny teacher and student of every supported family, as rows of one table.
 
-``vlsi tiny --family F`` builds, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision, the same pair as
+``vlsi tiny --family F`` builds, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL MoE or LLaVA-OneVision, the same pair as
 the built-in Qwen2-VL one: one vision tower architecture, language models of the teacher's and the
 student's size (``TinyConfig.teacher`` / ``.student``), the one local byte-level BPE tokenizer and the
 family's own image processor, saved as ordinary checkpoints of the family's stock class. A row says how
@@ -31,6 +31,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
@@ -110,6 +112,29 @@ def qwen3_vl_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen3VLConfig:
     )
     text = text_config(size, tokenizer, rope, head_dim=head_dim)
     return Qwen3VLConfig(text_config=text, vision_config=vision, **qwen_token_ids(tokenizer))
+
+
+# The tiny mixture of experts: each MoE layer has MOE_EXPERTS experts of half the dense MLP's width and
+# routes every token to MOE_ACTIVE of them, so a token meets as many MLP weights as in the dense model (the
+# "active" parameters) while the layer holds twice as many (the "total"), as in Qwen3-VL-30B-A3B.
+MOE_EXPERTS = 4
+MOE_ACTIVE = 2
+
+
+def qwen3_vl_moe_config(cfg: TinyConfig, size: LMSize, tokenizer) -> Qwen3VLMoeConfig:
+    dense = qwen3_vl_config(cfg, size, tokenizer).to_dict()
+    text, vision = dense["text_config"], dense["vision_config"]
+    for part in (text, vision):
+        part.pop("model_type", None)
+    text.update(
+        num_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_ACTIVE,
+        moe_intermediate_size=max(1, size.intermediate_size // MOE_ACTIVE),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+    )
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **qwen_token_ids(tokenizer))
 
 
 def anyres_pinpoints(tile: int) -> list[list[int]]:
@@ -215,6 +240,13 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             "qwen3_vl",
             Qwen3VLForConditionalGeneration,
             qwen3_vl_config,
+            "Qwen3VLProcessor",
+            "Qwen3VLVideoProcessor",
+        ),
+        _qwen(
+            "qwen3_vl_moe",
+            Qwen3VLMoeForConditionalGeneration,
+            qwen3_vl_moe_config,
             "Qwen3VLProcessor",
             "Qwen3VLVideoProcessor",
         ),

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlsi.data.records import IGNORE_INDEX
 from vlsi.losses.chunked import LABELS, Term, head_losses, head_weight
-from vlsi.losses.tokens import shift_labels
+from vlsi.losses.tokens import IGNORE_INDEX, shift_labels
 from vlsi.model.backbone import Backbone
 
 __all__ = [

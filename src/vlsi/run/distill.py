@@ -29,9 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from vlsi.data.processing import check_pair
 from vlsi.model.backbone import parse_layers
 from vlsi.model.export import is_exported
+from vlsi.model.loading import check_pair
 from vlsi.run.evaluate import SCORES
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
@@ -166,7 +166,7 @@ class Distiller:
         print(f"[run ] teacher cache in {path}")
         build_teacher_cache(
             TeacherCacheConfig(
-                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
+                teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path, student=self.student,
                 max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
                 kd_temperature=settings.kd_temperature,
             )

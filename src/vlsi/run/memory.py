@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,10 +15,37 @@ from torch import nn
 from vlsi.model.backbone import Backbone, family_for, parse_layers
 from vlsi.model.lora import lora_target_pattern
 
-if TYPE_CHECKING:
-    from vlsi.run.plan import ModelSummary
-
 GIB = 1024**3
+
+
+@dataclass
+class ModelSummary:
+    """What the plan needs of one model; ``model`` is its meta-device instance."""
+
+    name: str
+    source: str
+    config: object
+    model: nn.Module
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    head_width: int
+    total: int
+    language: int
+    largest_layer: int
+    # A mixture of experts computes with each token's routed experts only: the parameters one token meets.
+    active: int | None = None
+
+    @property
+    def vision(self) -> int:
+        """Vision tower plus projector: everything outside the language model and its head."""
+        return self.total - self.language
+
+    @property
+    def backbone(self) -> Backbone:
+        return Backbone(self.model)
+
 
 # Bytes per parameter, following what the steps do today (interact.py, sft.py, verbalize.py): frozen
 # backbones and the teacher in bf16; the trained student keeps fp32 master weights under bf16 autocast; a

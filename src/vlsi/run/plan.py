@@ -20,7 +20,7 @@ from torch import nn
 
 from vlsi.model.backbone import Backbone, get_module, parse_layers
 from vlsi.run.config import build_config, read_config_file
-from vlsi.run.memory import GIB, estimate_memory, lora_parameters, verbalizer_parameters
+from vlsi.run.memory import GIB, ModelSummary, estimate_memory, lora_parameters, verbalizer_parameters
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -114,31 +114,22 @@ def _count(params) -> int:
     return total
 
 
-@dataclass
-class ModelSummary:
-    """What the plan needs of one model; ``model`` is its meta-device instance."""
+def _moe(model: nn.Module, text_config) -> tuple[int, int] | None:
+    """``(parameters a token meets, MLP width a token goes through)`` of a mixture of experts, or None.
 
-    name: str
-    source: str
-    config: object
-    model: nn.Module
-    family: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    head_width: int
-    total: int
-    language: int
-    largest_layer: int
-
-    @property
-    def vision(self) -> int:
-        """Vision tower plus projector: everything outside the language model and its head."""
-        return self.total - self.language
-
-    @property
-    def backbone(self) -> Backbone:
-        return Backbone(self.model)
+    Each MoE layer routes a token to ``num_experts_per_tok`` of its ``num_experts`` experts, so of the expert
+    weights (the fused expert tensors) only that share is active; its MLP is that many experts wide."""
+    experts, per_token = (
+        getattr(text_config, "num_experts", None),
+        getattr(text_config, "num_experts_per_tok", None),
+    )
+    if not experts or not per_token:
+        return None
+    expert_params = _count(
+        p for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters()
+    )
+    active = _count(model.parameters()) - expert_params + expert_params * per_token // experts
+    return active, per_token * int(text_config.moe_intermediate_size)
 
 
 def summarize(name: str) -> ModelSummary:
@@ -148,6 +139,7 @@ def summarize(name: str) -> ModelSummary:
     family = backbone.family
     language_model = get_module(model, family.decoder_layers.rsplit(".", 1)[0])
     language = _count([*language_model.parameters(), *backbone.lm_head.parameters()])
+    moe = _moe(model, backbone.text_config)
     return ModelSummary(
         name=name,
         source=source,
@@ -156,11 +148,13 @@ def summarize(name: str) -> ModelSummary:
         family=family.name,
         num_layers=backbone.num_layers,
         hidden_size=backbone.hidden_size,
-        intermediate_size=int(backbone.text_config.intermediate_size),
+        # A token's MLP activations: its routed experts' width in a mixture of experts.
+        intermediate_size=moe[1] if moe else int(backbone.text_config.intermediate_size),
         head_width=backbone.vocab_size,
         total=_count(model.parameters()),
         language=language,
         largest_layer=max(_count(layer.parameters()) for layer in backbone.layers),
+        active=moe[0] if moe else None,
     )
 
 
@@ -216,11 +210,7 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
     :func:`vlsi.model.loading.check_same_tokenizer` also compares the tokenizers id by id.
     """
     if teacher.family != student.family:
-        raise ValueError(
-            f"teacher {teacher.name!r} is {teacher.family} but student {student.name!r} is {student.family}: "
-            "different model families do not share a tokenizer and token-index order, so their vocabulary "
-            "distributions are not comparable"
-        )
+        return _cross_family_notes(teacher, student)
     t_ids, s_ids = _token_ids(teacher.config), _token_ids(student.config)
     differing = {k: (t_ids[k], s_ids[k]) for k in t_ids.keys() & s_ids.keys() if t_ids[k] != s_ids[k]}
     if differing:
@@ -254,6 +244,32 @@ def check_pair(teacher: ModelSummary, student: ModelSummary) -> list[str]:
         notes.append(f"tokenizers compared id by id: the same on all {size:,} shared ids")
     else:
         notes.append(f"one family ({teacher.family}) and the same special token ids in both configs")
+    return notes
+
+
+def _cross_family_notes(teacher: ModelSummary, student: ModelSummary) -> list[str]:
+    """Two families: their special tokens and ids may differ; every regular token must agree
+    (:func:`vlsi.losses.vocab.check_regular_vocab`), which needs the tokenizers themselves."""
+    notes = [
+        f"two families ({teacher.family} teacher, {student.family} student): each renders a record with its own "
+        "template; compared on the token ids both tokenizers spell alike, each record's response checked"
+    ]
+    t_dir, s_dir = _tokenizer_dir(teacher.name), _tokenizer_dir(student.name)
+    if t_dir and s_dir:
+        from transformers import AutoTokenizer
+
+        from vlsi.losses.vocab import check_regular_vocab, compared_ids
+
+        t_tok, s_tok = AutoTokenizer.from_pretrained(str(t_dir)), AutoTokenizer.from_pretrained(str(s_dir))
+        size = check_regular_vocab(t_tok, s_tok)
+        keep = compared_ids(t_tok, s_tok)
+        compared = len(t_tok) if keep is None else len(keep)
+        notes.append(f"tokenizers: the same {size:,} regular tokens; {compared:,} ids compared")
+    else:
+        notes.append(
+            "regular vocabularies compared from the tokenizer files when the run starts, before any weight "
+            "is loaded"
+        )
     return notes
 
 
@@ -366,6 +382,8 @@ def _model_lines(teacher: ModelSummary, student: ModelSummary) -> list[str]:
             f"{role:<8}{m.name:<44}{m.num_layers:>7}{m.hidden_size:>8}{m.head_width:>9,}"
             f"{_m(m.vision):>9}{_m(m.language):>9}{_m(m.total):>9}"
         )
+        if m.active is not None:
+            out.append(f"{'':8}  mixture of experts: {_m(m.active)} active of {_m(m.total)} per token")
         out.append(f"{'':8}  config: {m.source}")
     return out
 

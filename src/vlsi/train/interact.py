@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
 
-from vlsi.data.processing import VLProcessor, check_pair
-from vlsi.data.records import ChatDataset, Encoder
+from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder, collate_pairs
+from vlsi.data.processing import VLProcessor
+from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.losses.chunked import (
     LABELS,
     Term,
@@ -43,12 +45,13 @@ from vlsi.losses.chunked import (
     score_chunk_tokens,
     score_matrix,
 )
-from vlsi.losses.divergences import divergence, shared_vocab
+from vlsi.losses.divergences import divergence
 from vlsi.losses.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.losses.sparse import sparse_score_matrix
+from vlsi.losses.vocab import SharedVocab
 from vlsi.model.backbone import Backbone
 from vlsi.model.export import export_checkpoint
-from vlsi.model.loading import load_model
+from vlsi.model.loading import check_pair, load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
 from vlsi.train.engines import prepare_frozen, whole_load
@@ -217,6 +220,8 @@ class InteractingStudent(nn.Module):
         # Plain attributes: they only hold references to modules registered above.
         self.backbone = Backbone(student)
         self.read = Reader(self.backbone, verbalizers)
+        # What the divergences compare: every id below the narrower head, or a cross-family pair's shared ids.
+        self.vocab = SharedVocab()
         self._warned = False
 
     def forward(
@@ -283,6 +288,7 @@ class _ReferenceLosses:
     def __init__(self, model: InteractingStudent, states, target, teacher_read: Reader, teacher_states):
         self.cfg, self.read, self.states, self.target = model.cfg, model.read, states, target
         self.teacher_read, self.teacher_states = teacher_read, teacher_states
+        self.restrict = model.vocab.restrict
         self.zero = states["final"].new_zeros((), dtype=torch.float32)
         self.score_fn = divergence(self.cfg.divergence, self.cfg.jsd_beta)
         self._logits: dict[int | str, torch.Tensor] = {}
@@ -305,7 +311,7 @@ class _ReferenceLosses:
             for j, t_layer in enumerate(teacher_layers):
                 t_logits = self.teacher(t_layer)
                 for i, s_logits in enumerate(student):
-                    scores[i, j] = self.score_fn(*shared_vocab(t_logits, s_logits.detach()), tau)
+                    scores[i, j] = self.score_fn(*self.restrict(t_logits, s_logits.detach()), tau)
         return scores
 
     def evaluate(self, terms: list[LossTerm]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -318,7 +324,7 @@ class _ReferenceLosses:
             else:
                 t_logits = self.teacher(term.teacher)
                 value = divergence(term.op, cfg.jsd_beta)(
-                    *shared_vocab(t_logits, s_logits), cfg.kd_temperature
+                    *self.restrict(t_logits, s_logits), cfg.kd_temperature
                 )
             _add_part(parts, term, value)
         loss = parts["il"] + parts["ll"] + cfg.ar_weight * parts["ar"]
@@ -335,8 +341,12 @@ class _ChunkedLosses:
     ):
         self.cfg, self.read, self.states, self.target = model.cfg, model.read, states, target
         self.teacher_read, self.teacher_states = teacher_read, teacher_states
-        self.s_head = head_weight(model.backbone.lm_head)  # refuses a head the chunked losses cannot use
-        self.t_head = None if teacher_read is None else head_weight(teacher_read.head)
+        s_head = head_weight(model.backbone.lm_head)  # refuses a head the chunked losses cannot use
+        t_head = None if teacher_read is None else head_weight(teacher_read.head)
+        # A cross-family pair's compared ids lead the student's rows, its labels mapped to match.
+        self.s_head, self.t_head, position = model.vocab.heads(s_head, t_head)
+        if position is not None:
+            self.target = position[target]
         self._features: dict[int | str, torch.Tensor] = {}
         self._teacher: dict[int | str, torch.Tensor] = {}
 
@@ -537,11 +547,19 @@ def train_interaction(cfg: InteractConfig) -> dict:
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
-    if cache is None:
-        check_pair(cfg.teacher, cfg.student)
+    pair = check_pair(cfg.teacher, cfg.student) if cache is None else None
     processor = VLProcessor.from_pretrained(cfg.student)
     student = _interacting_student(cfg, accelerator)
-    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    encoder, collate_fn = Encoder(processor, cfg.max_length), collate
+    if cache is not None:
+        student.vocab = cache.vocab
+    elif pair.cross_family:
+        # Each model reads the record as its own family renders it; the responses must be one id sequence.
+        teacher_processor = VLProcessor.from_pretrained(cfg.teacher)
+        encoder = PairEncoder(encoder, Encoder(teacher_processor, cfg.max_length))
+        collate_fn = collate_pairs(teacher_processor.pad_token_id)
+        student.vocab = pair.vocab
+    dataset = ChatDataset(cfg.data, encoder, cfg.image_root)
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
@@ -560,8 +578,12 @@ def train_interaction(cfg: InteractConfig) -> dict:
 
     def micro_loss(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         cached = batch.pop("teacher", None)  # a cached teacher's distributions
+        own = batch.pop(TEACHER_INPUTS, None)  # a cross-family teacher's own encoding of the records
         if cached is not None:
             teacher_states = {key: dist.to(accelerator.device) for key, dist in cached.items()}
+        elif own is not None:
+            own = {k: v.to(accelerator.device) for k, v in own.items()}
+            teacher_states = teacher_response_states(teacher, teacher_layers, own)
         else:
             teacher_states = teacher_response_states(teacher, teacher_layers, batch)
         loss_sum, parts, match = run.module(
@@ -581,7 +603,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         entry=entry,
         row=_mean_parts,
         pad_id=processor.pad_token_id,
-        fetch=next_batch if cache is None else cache.next_batch,
+        fetch=partial(next_batch, collate_fn=collate_fn) if cache is None else cache.next_batch,
         after_step=matches.step_done,
         saved=matches.state,
     )

@@ -74,12 +74,13 @@ class Batch(dict):
     record_ids: list[str]
 
 
-def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int) -> Batch:
-    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole."""
+def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int, collate_fn=collate) -> Batch:
+    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole. ``collate_fn``:
+    how the items are batched (:func:`vlsi.data.pairs.collate_pairs` for a cross-family pair)."""
     for _ in range(1000):
         indices = stream.next_indices()
         items = [dataset[i] for i in indices]
-        batch = collate(items, pad_id)
+        batch = collate_fn(items, pad_id)
         if batch is not None:
             batch = Batch(batch)
             batch.record_ids = [

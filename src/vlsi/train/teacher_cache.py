@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from vlsi.data.records import ChatDataset, collate, load_records, record_name
 from vlsi.losses.sparse import SparseDist
 from vlsi.losses.tokens import count_response_tokens
+from vlsi.losses.vocab import SharedVocab
 
 __all__ = [
     "INDEX_FILE",
@@ -53,6 +55,8 @@ __all__ = [
 
 FORMAT = 1
 INDEX_FILE = "index.json"
+# A cross-family teacher's cache: the token ids its distributions are over (vlsi.losses.vocab), in order.
+COMPARED_IDS_FILE = "compared_ids.safetensors"
 FINAL = "final"
 # Records whose tokens are checked against the cache before the first step, spread over the file.
 VERIFY_BEFORE_TRAINING = 64
@@ -152,6 +156,9 @@ class TeacherCache:
         self.shard_records = self.index["shard_records"]
         self._files: dict[int, object] = {}
         self._meta: dict[int, dict[str, torch.Tensor]] = {}
+        # A cross-family cache's stored ids 0..K-1 stand for these; the student's rows are reordered to match.
+        compared = self.root / COMPARED_IDS_FILE
+        self.vocab = SharedVocab(load_file(str(compared))["ids"] if compared.exists() else None)
 
     def __len__(self) -> int:
         return self.index["records"]

@@ -11,6 +11,7 @@ shards already written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -20,15 +21,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder
 from vlsi.data.processing import VLProcessor
-from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder, collate
+from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, _chunks
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
-from vlsi.losses.tokens import count_response_tokens, shift_labels
+from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, shift_labels
+from vlsi.model.loading import check_pair
 from vlsi.train.checkpointing import fingerprint as settings_hash
 from vlsi.train.interact import Reader, _load_teacher, teacher_response_states
 from vlsi.train.runtime import make_accelerator, progress_bar
 from vlsi.train.teacher_cache import (
+    COMPARED_IDS_FILE,
     FINAL,
     FORMAT,
     INDEX_FILE,
@@ -52,6 +56,13 @@ class TeacherCacheConfig:
     teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL file step 2 will train on"})
     out: str = field(metadata={"help": "cache directory (index.json and shard-*.safetensors)"})
+    student: str = field(
+        default="",
+        metadata={
+            "help": "the student, when it is of another family than the teacher: the cache then lines up with "
+            "the student's rendering of each record and holds only the token ids both tokenizers share"
+        },
+    )
     top_k: int = field(default=64, metadata={"help": "token ids kept per response token and layer"})
     batch_size: int = field(default=8, metadata={"help": "records per teacher forward, per process"})
     shard_records: int = field(default=256, metadata={"help": "records per shard file"})
@@ -102,11 +113,13 @@ def _stand_in(pad_id: int, device) -> dict:
             "labels": torch.full_like(ids, IGNORE_INDEX)}  # fmt: skip
 
 
-def _topk(read, key, states: torch.Tensor, cfg: TeacherCacheConfig, width: int) -> SparseDist:
-    """The top-k buckets of one layer's verbalized distribution, ``[chunk, V]`` logits at a time."""
+def _topk(read, key, states: torch.Tensor, cfg: TeacherCacheConfig, width: int, keep=None) -> SparseDist:
+    """The top-k buckets of one layer's verbalized distribution, ``[chunk, V]`` logits at a time; over the
+    ids ``keep`` (a cross-family pair's shared ones, stored as 0..K-1) when given."""
     features = read.features(key, states)
     chunks = _chunks(len(features), cfg.chunk_tokens) or [slice(0, 0)]
-    logits = (read.head(features[rows])[:, :width] for rows in chunks)
+    cut = (lambda z: z[:, :width]) if keep is None else (lambda z: z.index_select(1, keep.to(z.device)))
+    logits = (cut(read.head(features[rows])) for rows in chunks)
     return SparseDist.cat([sparse_from_logits(z, cfg.top_k, cfg.kd_temperature, len(z) or 1) for z in logits])
 
 
@@ -197,11 +210,13 @@ def _announce_size(accelerator, dataset: ChatDataset, plan: dict, settings: dict
 
 
 def _teacher_rows(
-    accelerator, read: Reader, kept: list[dict], cfg: TeacherCacheConfig, width: int, pad_id: int
+    accelerator, read: Reader, kept: list[dict], cfg: TeacherCacheConfig, width: int, pad_id: int, keep=None
 ):
     """Per record of ``kept`` (this process's share of one forward), its response tokens' distributions by
     key, on the CPU. With nothing to process, a stand-in keeps a sharded teacher's collective forward going."""
     if kept:
+        # A cross-family teacher reads its own encoding of each record (vlsi.data.pairs).
+        kept = [x.get(TEACHER_INPUTS, x) for x in kept]
         batch = {k: v.to(accelerator.device) for k, v in collate(kept, pad_id).items()}
     elif accelerator.num_processes > 1:
         batch = _stand_in(pad_id, accelerator.device)
@@ -210,7 +225,7 @@ def _teacher_rows(
     layers = read.verbalizers.layers
     with torch.no_grad(), accelerator.autocast():
         states = teacher_response_states(read.backbone, layers, batch)
-        dists = {key: _topk(read, key, states[key], cfg, width) for key in [*layers, FINAL]}
+        dists = {key: _topk(read, key, states[key], cfg, width, keep) for key in [*layers, FINAL]}
     per_record = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum(1).tolist()
     bounds = torch.tensor([0, *per_record]).cumsum(0).tolist()
     return [
@@ -219,7 +234,7 @@ def _teacher_rows(
 
 
 def _shard_rows(
-    accelerator, read: Reader, dataset: ChatDataset, records: range, cfg, width: int, pad_id: int, bar
+    accelerator, read: Reader, dataset: ChatDataset, records: range, cfg, width: int, pad_id: int, bar, keep
 ):
     """One shard's rows; every process runs the same number of forwards, ``records`` empty or not."""
     rows = []
@@ -227,7 +242,7 @@ def _shard_rows(
         indices = records[f * cfg.batch_size : (f + 1) * cfg.batch_size]
         items = [dataset[i] for i in indices]
         kept = [x for x in items if x is not None]
-        teacher = iter(_teacher_rows(accelerator, read, kept, cfg, width, pad_id))
+        teacher = iter(_teacher_rows(accelerator, read, kept, cfg, width, pad_id, keep))
         for i, item in zip(indices, items, strict=True):
             rows.append(
                 {
@@ -256,19 +271,32 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, 0)
-    processor = VLProcessor.from_pretrained(cfg.teacher)
-    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    processor = teacher_processor = VLProcessor.from_pretrained(cfg.teacher)
+    encoder, keep = Encoder(processor, cfg.max_length), None
+    pair = check_pair(cfg.teacher, cfg.student) if cfg.student else None
+    if pair is not None and pair.cross_family:
+        # Rows line up with the student's rendering; the fingerprint is the student's, as step 2 checks it.
+        processor = VLProcessor.from_pretrained(cfg.student)
+        encoder = PairEncoder(Encoder(processor, cfg.max_length), encoder)
+        keep = pair.vocab.keep
+    dataset = ChatDataset(cfg.data, encoder, cfg.image_root)
     teacher, verbalizers = _load_teacher(cfg, accelerator)
     read = Reader(teacher, verbalizers)
     keys = [*verbalizers.layers, FINAL]
     width = cfg.vocab_width or teacher.vocab_size
-    if not 0 < width <= teacher.vocab_size:
+    if keep is not None:
+        width = len(keep)
+    elif not 0 < width <= teacher.vocab_size:
         raise ValueError(
             f"--vocab-width {width} must lie in 1..{teacher.vocab_size} (the teacher head's rows)"
         )
     settings = _settings(cfg, processor, verbalizers.layers, width)
+    if keep is not None:
+        settings["compared_ids"] = hashlib.sha256(keep.numpy().tobytes()).hexdigest()
     fp = str(settings_hash(settings))
     plan = _open_index(accelerator, cfg, settings, len(dataset))
+    if keep is not None and accelerator.is_main_process:  # what the stored ids 0..K-1 stand for
+        save_file({"ids": keep.contiguous()}, str(out / COMPARED_IDS_FILE))
     per_token = bytes_per_token(len(keys), cfg.top_k, width, cfg.logp_dtype)
     _announce_size(accelerator, dataset, plan, settings, per_token)
 
@@ -283,7 +311,8 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
         if not todo and all(s in done or s >= shards for s in range(start, start + world)):
             continue  # the whole round is written: no process runs a forward
         records = range(mine * per_shard, min(n, (mine + 1) * per_shard)) if todo else range(0)
-        rows = _shard_rows(accelerator, read, dataset, records, cfg, width, processor.pad_token_id, bar)
+        pad_id = teacher_processor.pad_token_id
+        rows = _shard_rows(accelerator, read, dataset, records, cfg, width, pad_id, bar, keep)
         if todo:
             _write_shard(shard_path(out, mine), rows, keys, settings["top_k"], cfg.logp_dtype, fp)
     bar.close()
