@@ -6,8 +6,13 @@ interrupted one back up (SFT resumes from its own checkpoints).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +26,9 @@ from vlsi.model.export import is_exported
 from vlsi.model.tiny import TinyConfig
 from vlsi.model.tiny_models import build_tiny
 from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.run.figures import read_curve
 from vlsi.run.relabel import relabel
-from vlsi.train.sft import SFTConfig, train_sft
+from vlsi.train.sft import SFTConfig
 from vlsi.train.vision_pretrain import VisionPretrainConfig, pretrain_vision
 
 
@@ -56,7 +62,7 @@ class TinySettings:
     )
     steps: int = field(default=3000, metadata={"help": "SFT optimizer steps for the teacher base"})
     student_steps: int = field(
-        default=0, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
+        default=6000, metadata={"help": "SFT optimizer steps for the student base (0 = same as --steps)"}
     )
     batch_size: int = field(default=32, metadata={"help": "SFT batch size"})
     lr: float = field(default=1e-3, metadata={"help": "peak SFT learning rate (from-scratch tiny models)"})
@@ -160,6 +166,58 @@ def _make_data(cfg: TinySettings, data: Path) -> None:
         )
 
 
+def _die_with_parent() -> None:
+    # A base trainer orphaned by a killed parent would race the rerun's trainer for the same directory.
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def train_bases(configs: dict[str, SFTConfig], root: Path, poll_s: float = 30.0) -> None:
+    """Trains the bases side by side, each in its own process on one thread, so the first run takes the
+    longer base's time rather than the sum, and the result does not depend on the machine's core count.
+
+    Each process resumes from its own checkpoints after an interruption; its output goes to
+    ``ROOT/NAME_sft.log``, and a line every ``poll_s`` seconds reports each base's learning curve.
+    """
+    procs = {}
+    for name, sft in configs.items():
+        config = root / f"{name}_sft.yaml"
+        config.write_text(yaml.safe_dump(dataclasses.asdict(sft), sort_keys=False))
+        log = (root / f"{name}_sft.log").open("a")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "vlsi.run.cli", "sft", "--config", str(config)]
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent), sft, log)  # fmt: skip
+    t0 = last = time.perf_counter()
+    try:
+        while any(p.poll() is None for p, _, _ in procs.values()):
+            time.sleep(1.0)
+            if time.perf_counter() - last < poll_s:
+                continue
+            last = time.perf_counter()
+            status = []
+            for name, (p, sft, _) in procs.items():
+                curve = read_curve(Path(sft.out) / "curve.jsonl")
+                at = (
+                    f"{curve[-1]['step']}/{sft.max_steps} steps, validation {curve[-1]['accuracy']:.3f}"
+                    if curve
+                    else "starting"
+                )
+                status.append(f"{name} {'done' if p.poll() == 0 else at}")
+            print(f"[base] {last - t0:.0f} s: " + "; ".join(status), flush=True)
+    finally:
+        for p, _, log in procs.values():
+            if p.poll() is None:
+                p.terminate()
+            p.wait()
+            log.close()
+    failed = [name for name, (p, _, _) in procs.items() if p.returncode]
+    if failed:
+        logs = ", ".join(str(root / f"{name}_sft.log") for name in failed)
+        raise RuntimeError(f"training the {' and '.join(failed)} base failed; see {logs}")
+
+
 def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[str, Path]:
     """Synthetic data, tiny models and their SFT bases under ``root``: paths of each split and each base."""
     data, models = root / "data", root / "models"
@@ -190,13 +248,16 @@ def prepare_tiny(cfg: TinySettings, root: Path, student: bool = True) -> dict[st
     teacher_data = paths["pool"] if cfg.task == "digits" and cfg.pool else paths["train"]
     val = paths["val"] if cfg.task == "digits" and cfg.val else None
     plan = {"teacher": (teacher_data, cfg.steps), "student": (paths["train"], cfg.student_steps or cfg.steps)}
+    todo = {}
     for name in ["teacher", "student"] if student else ["teacher"]:
         trained = root / f"{name}_sft"
         if stage(trained / "export_complete.json", f"SFT of the {name} base"):
             train_data, steps = plan[name]
-            train_sft(base_sft_config(cfg, init[name], train_data, trained, steps, val))
-        assert is_exported(trained)
+            todo[name] = base_sft_config(cfg, init[name], train_data, trained, steps, val)
         paths[name] = trained
+    train_bases(todo, root)
+    for name in todo:
+        assert is_exported(paths[name])
     paths["distill"] = paths["distill"] if cfg.task == "digits" and cfg.distill else paths["train"]
     if cfg.labels == "teacher":
         labelled = root / "data" / "distill_teacher_answers.json"
