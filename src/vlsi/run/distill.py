@@ -30,13 +30,13 @@ from pathlib import Path
 import yaml
 
 from vlsi.data.processing import check_pair
-from vlsi.model.backbone import parse_layers
+from vlsi.model.backbone import Backbone, parse_layers
 from vlsi.model.export import is_exported
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.train.sft import SFTConfig, SFTSettings, train_sft
-from vlsi.train.teacher_cache import is_complete
+from vlsi.train.teacher_cache import INDEX_FILE, is_complete
 from vlsi.train.teacher_cache_build import TeacherCacheConfig, build_teacher_cache
 from vlsi.train.verbalize import VerbalizeConfig, VerbalizeSettings, train_verbalizers
 
@@ -146,7 +146,9 @@ class Distiller:
         return out
 
     def teacher_cache(self, tv: Path) -> None:
-        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1."""
+        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1, over the
+        vocabulary the pair shares: step 2 compares on it, and a cache over the teacher's padded head
+        (152,064 rows for a 151,936-row student) would be refused there, after the whole teacher pass."""
         settings, path = self.cfg.interact, self.cfg.interact.teacher_cache
         if not path or is_complete(path):
             return
@@ -155,7 +157,7 @@ class Distiller:
             TeacherCacheConfig(
                 teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
                 max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
-                kd_temperature=settings.kd_temperature,
+                kd_temperature=settings.kd_temperature, vocab_width=shared_width(self.teacher, self.student),
             )
         )  # fmt: skip
 
@@ -217,6 +219,34 @@ class Distiller:
 RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
 
 
+def head_width(name: str) -> int:
+    """Rows of a checkpoint's language head, from its config alone (a meta-device model, no weights)."""
+    from vlsi.run.plan import meta_model, resolve_config
+
+    return Backbone(meta_model(resolve_config(name)[0])).vocab_size
+
+
+def shared_width(teacher: str, student: str) -> int:
+    """The vocabulary step 2 compares the pair on (:func:`vlsi.losses.divergences.shared_vocab`): the narrower
+    head, the wider one's extra rows being padding (Qwen2-VL-72B 152,064 vs 2B 151,936)."""
+    return min(head_width(teacher), head_width(student))
+
+
+def check_cache_width(path: str | Path, width: int) -> None:
+    """Refuses a teacher cache at ``path`` (finished or not) over another vocabulary than the pair's shared
+    ``width``: step 2 would refuse a wider one only after step 1, and a narrower one compares the pair on
+    fewer tokens than a live teacher would."""
+    index = Path(path) / INDEX_FILE
+    if not index.exists():
+        return
+    cached = json.loads(index.read_text()).get("fingerprint", {}).get("width")
+    if cached != width:
+        raise ValueError(
+            f"the teacher cache {path} is over a vocabulary of {cached} tokens, but the teacher and student share "
+            f"{width} (the narrower head); remove it, and the run builds it again at {width}"
+        )
+
+
 def check_config(cfg: DistillConfig) -> None:
     """Errors a run would otherwise meet only after hours of training."""
     cfg.interact.validate()
@@ -226,6 +256,9 @@ def check_config(cfg: DistillConfig) -> None:
         t_l, t_s = len(parse_layers(cfg.teacher_layers)), len(parse_layers(cfg.student_layers))
         if t_s > t_l:
             raise ValueError(f"{t_s} student layers but only {t_l} teacher layers: each needs its own match")
+    if cfg.teacher and cfg.student and cfg.interact.teacher_cache:
+        # From the configs alone: the cache is built (or was) over the pair's shared vocabulary.
+        check_cache_width(cfg.interact.teacher_cache, shared_width(cfg.teacher, cfg.student))
 
 
 def record_config(cfg: DistillConfig, root: Path) -> None:
