@@ -47,7 +47,7 @@ from vlsi.losses.divergences import divergence, shared_vocab
 from vlsi.losses.matching import Match, MatchingConfig, match_counts, match_layers
 from vlsi.losses.sparse import sparse_score_matrix
 from vlsi.model.backbone import Backbone
-from vlsi.model.export import export_checkpoint
+from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
@@ -599,6 +599,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
         if accelerator.is_main_process:
             trained.verbalizers.save(run.out / "verbalizers", base_model_info(trained.backbone))
             matches.write(run.out, totals, run.step, cfg.grad_accum * accelerator.num_processes)
-            export_checkpoint(trained.student, processor, run.out, extra={"interact": result})
+            # Trained in fp32, saved in the dtype of the student checkpoint it started from.
+            dtype = checkpoint_dtype(cfg.student)
+            export_checkpoint(trained.student, processor, run.out, extra={"interact": result}, dtype=dtype)
             write_summary(run.out, result)
     return result

@@ -15,7 +15,7 @@ from vlsi.data.processing import VLProcessor
 from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.tokens import response_cross_entropy
 from vlsi.model.backbone import family_for, get_module
-from vlsi.model.export import export_checkpoint
+from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.run.evaluate import EvalConfig, evaluate
@@ -126,6 +126,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     )
     with whole_trained(run) as trained:
         if accelerator.is_main_process:
-            export_checkpoint(trained, processor, run.out, extra={"sft": result})
+            # Trained in fp32, saved in the dtype of the checkpoint it started from.
+            dtype = checkpoint_dtype(cfg.model)
+            export_checkpoint(trained, processor, run.out, extra={"sft": result}, dtype=dtype)
             write_summary(run.out, result)
     return result
