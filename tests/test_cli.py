@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
@@ -176,3 +177,40 @@ def test_exports_keep_the_source_checkpoint_dtype(tmp_path, tiny_models, verbali
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     base = Qwen2VLForConditionalGeneration.from_pretrained(source, dtype="auto").state_dict()
     assert not torch.equal(bf16[q], base[q])  # the merged adapters survive the cast
+
+
+def test_max_pixels_keeps_large_images_and_the_skips_are_reported_before_training(
+    tmp_path, tiny_models, capsys
+):
+    # The tiny student with the stock Qwen2-VL ceiling (12,845,056 px), as the released checkpoints ship.
+    source = tmp_path / "stock"
+    shutil.copytree(tiny_models["student"], source)
+    pre = json.loads((source / "preprocessor_config.json").read_text())
+    pre["size"]["longest_edge"] = 12_845_056
+    (source / "preprocessor_config.json").write_text(json.dumps(pre))
+    # Half the records carry a 400 x 400 image: 625 tokens at 16 x 16 px each, over --max-length 256.
+    records = []
+    for i in range(8):
+        size = 400 if i % 2 else 48
+        Image.new("RGB", (size, size), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": turns})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+
+    options = "--max-steps 4 --batch-size 2 --max-length 256"
+    assert main(_sft(source, data, tmp_path / "stock_ceiling", options)) == 0
+    printed = capsys.readouterr().out
+    assert "data: 8 of 8 records encoded before training; 4 (50.0%) would be skipped" in printed
+    assert "too long: 4 (50.0%), e.g. record 1 (id 'r1'): too long: " in printed
+    assert "lower --max-pixels" in printed
+
+    out = tmp_path / "bounded"
+    assert main(_sft(source, data, out, options + " --max-pixels 2304")) == 0
+    assert (
+        "data: 8 of 8 records encoded before training; 0 (0.0%) would be skipped" in capsys.readouterr().out
+    )
+    assert json.loads((out / "train_summary.json").read_text())["skipped"] == 0  # one epoch: every record
+    # The export reads images as the run did, with no option.
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 2304
+    assert VLProcessor.from_pretrained(out).image_processor.size["longest_edge"] == 2304

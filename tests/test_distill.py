@@ -180,3 +180,23 @@ def test_killed_distill_resumes_its_unfinished_stage(tmp_path):
     assert losses(killed) == pytest.approx(losses(whole), rel=1e-6)
     ours, theirs = (json.loads((root / "results.json").read_text()) for root in (killed, whole))
     assert {k: m["accuracy"] for k, m in ours.items()} == {k: m["accuracy"] for k, m in theirs.items()}
+
+
+def test_image_bounds_reach_every_step_and_export(tmp_path, tiny_models, verbalizers, synth_data):
+    from vlsi.run.distill import Distiller
+
+    root, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = DistillConfig(
+        out=str(root),
+        max_pixels=1024,  # the tiny checkpoints' own: 2304
+        interact=InteractSettings(max_steps=1, batch_size=4, teacher_cache=str(cache)),
+        sft=SFTSettings(max_steps=1, batch_size=4),
+    )
+    teacher, student = str(tiny_models["teacher"]), str(tiny_models["student"])
+    distiller = Distiller(cfg, teacher, student, str(synth_data / "train.json"))
+    # The cache's teacher and step 2's student read images alike, or step 2 would refuse the cache.
+    distiller.teacher_cache(verbalizers["teacher"])
+    step2 = distiller.interact(root / "step2", student, verbalizers["teacher"], verbalizers["student"], "2")
+    step3 = distiller.sft(root / "step3", str(step2), "3")
+    for out in (step2, step3):
+        assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 1024

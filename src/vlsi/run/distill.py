@@ -29,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from vlsi.data.processing import check_pair
-from vlsi.model.backbone import Backbone, parse_layers
+from vlsi.data.processing import ImageSize, check_pair
+from vlsi.model.backbone import parse_layers
 from vlsi.model.export import is_exported
+from vlsi.model.loading import head_width
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
@@ -52,7 +53,10 @@ MODELS = {
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ImageSize):
+    """One run; ``min_pixels`` / ``max_pixels`` (the image bounds, :class:`vlsi.data.processing.ImageSize`) apply to
+    every step, so teacher and student read images alike and every export carries them."""
+
     out: str = field(default="runs/distill", metadata={"help": "run directory"})
     teacher: str = field(
         default="", metadata={"help": "teacher checkpoint path or hub id; empty = the built-in tiny setting"}
@@ -133,7 +137,11 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, teacher: str, student: str, train: str):
         self.cfg, self.root = cfg, Path(cfg.out)
         self.teacher, self.student, self.train = teacher, student, train
-        self.common = {"seed": cfg.seed, "image_root": cfg.image_root}
+        self.common = {"seed": cfg.seed, "image_root": cfg.image_root, **self.pixels}
+
+    @property
+    def pixels(self) -> dict:
+        return {"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels}
 
     def verbalizers(self, model: str, layers: str, name: str) -> Path:
         out = self.root / f"step1_{name}_verbalizers"
@@ -158,6 +166,7 @@ class Distiller:
                 teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path,
                 max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
                 kd_temperature=settings.kd_temperature, vocab_width=shared_width(self.teacher, self.student),
+                **self.pixels,
             )
         )  # fmt: skip
 
@@ -217,13 +226,6 @@ class Distiller:
 # Keys a rerun may change: where the run lives, what else runs, how it is reported; not what a finished
 # stage computed.
 RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
-
-
-def head_width(name: str) -> int:
-    """Rows of a checkpoint's language head, from its config alone (a meta-device model, no weights)."""
-    from vlsi.run.plan import meta_model, resolve_config
-
-    return Backbone(meta_model(resolve_config(name)[0])).vocab_size
 
 
 def shared_width(teacher: str, student: str) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torch import nn
 
-from vlsi.data.processing import VLProcessor, check_pair
+from vlsi.data.processing import ImageSize, VLProcessor, check_pair
 from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.chunked import (
     LABELS,
@@ -139,7 +139,7 @@ class InteractSettings(VerbalizedLossArgs):
 
 
 @dataclass(kw_only=True)
-class InteractConfig(InteractSettings):
+class InteractConfig(InteractSettings, ImageSize):
     teacher: str = field(default="", metadata={"help": "checkpoint path of the (frozen) teacher"})
     teacher_verbalizers: str = field(
         default="", metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"}
@@ -539,7 +539,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
     if cache is None:
         check_pair(cfg.teacher, cfg.student)
-    processor = VLProcessor.from_pretrained(cfg.student)
+    # The teacher reads the same inputs: the student's processor, image bounds included.
+    processor = VLProcessor.from_pretrained(cfg.student, **cfg.pixel_bounds())
     student = _interacting_student(cfg, accelerator)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why

@@ -153,6 +153,9 @@ class VerbalizedLossArgs(TrainingArgs):
 
 # Settings that do not change what a run computes, so a resume may differ in them.
 BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+# Options added after runs could have started; left out of the fingerprint while unset, so that a checkpoint
+# written before they existed still resumes.
+ADDED_UNSET = ("min_pixels", "max_pixels")
 
 
 def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
@@ -175,7 +178,11 @@ def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.
 
 def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (), **extra) -> str:
     """What a checkpoint must have been written with to be resumed exactly."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in (*BOOKKEEPING, *ignore)}
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in (*BOOKKEEPING, *ignore) and not (k in ADDED_UNSET and v is None)
+    }
     return fingerprint(dict(settings, world=world, **extra))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlsi.data.processing import VLProcessor
+from vlsi.data.processing import ImageSize, VLProcessor
 from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.tokens import response_cross_entropy
 from vlsi.model.backbone import family_for, get_module
@@ -42,7 +42,7 @@ class SFTSettings(TrainingArgs):
 
 
 @dataclass(kw_only=True)
-class SFTConfig(SFTSettings):
+class SFTConfig(SFTSettings, ImageSize):
     model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
@@ -91,7 +91,7 @@ def build_model(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> dict:
     accelerator = make_accelerator(cfg.precision, cfg.seed)
-    processor = VLProcessor.from_pretrained(cfg.model)
+    processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = build_model(cfg)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     run = prepare_run(accelerator, cfg, model, dataset)

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlsi.data.processing import VLProcessor
-from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder, collate
+from vlsi.data.processing import ImageSize, VLProcessor
+from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder, collate, scan_skips, skip_report
 from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, _chunks
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
 from vlsi.losses.tokens import count_response_tokens, shift_labels
@@ -47,7 +47,7 @@ SIZE_SAMPLE = 32
 
 
 @dataclass(kw_only=True)
-class TeacherCacheConfig:
+class TeacherCacheConfig(ImageSize):
     teacher: str = field(metadata={"help": "checkpoint path of the teacher"})
     teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL file step 2 will train on"})
@@ -256,8 +256,10 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, 0)
-    processor = VLProcessor.from_pretrained(cfg.teacher)
+    processor = VLProcessor.from_pretrained(cfg.teacher, **cfg.pixel_bounds())
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    if accelerator.is_main_process:  # before the teacher loads: the share of records the cache will skip
+        print(skip_report(scan_skips(dataset), len(dataset), cfg.max_length), flush=True)
     teacher, verbalizers = _load_teacher(cfg, accelerator)
     read = Reader(teacher, verbalizers)
     keys = [*verbalizers.layers, FINAL]
