@@ -21,12 +21,14 @@ above. ``results.json`` and ``report.md`` hold the accuracy of each model.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from vlsi.data.processing import ImageSize, check_pair
@@ -126,6 +128,18 @@ def control_budget(interact: InteractSettings, sft: SFTSettings) -> dict:
     )
 
 
+def release_memory() -> None:
+    """Called after every stage, so that none of its models reaches the next.
+
+    A stage's models are unreachable once it returns, but they sit in reference cycles (module hooks and their
+    closures, back-references from accelerate and peft) that only Python's cyclic collector frees, and that runs
+    on object counts, not bytes: step 1's 72B teacher could still hold its memory while step 2 loads it again.
+    CUDA's caching allocator then keeps the freed blocks reserved by this process; they are handed back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _with(settings, **values) -> dict:
     """A step's settings as keyword arguments, with the run-level values on top."""
     return dict(dataclasses.asdict(settings), **values)
@@ -151,6 +165,7 @@ class Distiller:
             train_verbalizers(
                 VerbalizeConfig(**settings, model=model, data=self.train, out=str(out), layers=layers)
             )
+            release_memory()
         return out
 
     def teacher_cache(self, tv: Path) -> None:
@@ -169,6 +184,7 @@ class Distiller:
                 **self.pixels,
             )
         )  # fmt: skip
+        release_memory()
 
     def interact(self, out: Path, student: str, tv: Path, sv: Path, label: str, **overrides) -> Path:
         # train_summary.json is written after the export, so it marks a finished stage.
@@ -184,12 +200,14 @@ class Distiller:
                 out=str(out),
             )
             train_interaction(cfg)
+            release_memory()
         return out
 
     def sft(self, out: Path, model: str, label: str, **overrides) -> Path:
         if stage(out / "train_summary.json", label):
             settings = _with(self.cfg.sft, **self.common, **overrides)
             train_sft(SFTConfig(**settings, model=model, data=self.train, out=str(out)))
+            release_memory()
         if not is_exported(out):
             raise RuntimeError(f"{out}: marked finished but holds no complete export; remove it to retrain")
         return out
@@ -305,6 +323,7 @@ def run_distill(cfg: DistillConfig) -> dict:
     if test and int(os.environ.get("RANK", "0")) == 0:
         for key, path in models.items():
             results[key] = evaluate_once(Path(path), Path(test), root / "eval" / key, key, cfg.image_root)
+            release_memory()
         (root / "results.json").write_text(json.dumps(results, indent=2))
         (root / "report.md").write_text(report(results, root))
         print(results_table(results))
