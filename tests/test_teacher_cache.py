@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vlsi.model.backbone import Backbone
@@ -289,6 +290,9 @@ def test_distill_caches_a_padded_teacher_at_the_shared_width(tmp_path, tiny_mode
     )  # fmt: skip
     run_distill(cfg)
     assert TeacherCache(cache).width == student_rows
+    # Recorded with the chunk it ran with (this CPU's), as every run before the per-device default was.
+    recorded = yaml.safe_load((tmp_path / "run" / "distill_config.yaml").read_text())
+    assert recorded["verbalize"]["loss_chunk_tokens"] == recorded["interact"]["loss_chunk_tokens"] == 128
     assert json.loads((tmp_path / "run" / "step2_interact" / "train_summary.json").read_text())["steps"] == 1
 
     # A cache at the teacher's own width (what distill built before) is refused before step 1, from the

@@ -298,6 +298,8 @@ def record_config(cfg: DistillConfig, root: Path) -> None:
 
 
 def run_distill(cfg: DistillConfig) -> dict:
+    # The chunk of the verbalized losses by this machine's device (0 = by device), recorded as resolved.
+    cfg = dataclasses.replace(cfg, verbalize=cfg.verbalize.on_device(), interact=cfg.interact.on_device())
     check_config(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)

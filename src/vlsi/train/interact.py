@@ -38,6 +38,7 @@ from vlsi.losses.chunked import (
     Term,
     chunk_tokens,
     chunked_unsupported,
+    default_chunk_tokens,
     head_losses,
     head_weight,
     score_chunk_tokens,
@@ -337,6 +338,8 @@ class _ChunkedLosses:
         self.teacher_read, self.teacher_states = teacher_read, teacher_states
         self.s_head = head_weight(model.backbone.lm_head)  # refuses a head the chunked losses cannot use
         self.t_head = None if teacher_read is None else head_weight(teacher_read.head)
+        # A config built outside train_interaction may still say 0: the chunk of the device the states are on.
+        self.chunk = self.cfg.loss_chunk_tokens or default_chunk_tokens(states["final"].device)
         self._features: dict[int | str, torch.Tensor] = {}
         self._teacher: dict[int | str, torch.Tensor] = {}
 
@@ -362,11 +365,11 @@ class _ChunkedLosses:
             if self.t_head is None:
                 # Cached: top-k buckets per layer (vlsi.losses.sparse) instead of features. One [chunk, V]
                 # block is alive at a time, fewer than in the loss pass, so the loss pass's chunk fits.
-                chunk = cfg.loss_chunk_tokens
+                chunk = self.chunk
                 return sparse_score_matrix(
                     s_features, self.s_head, t_features, cfg.divergence, chunk=chunk, **opts
                 )
-            chunk = score_chunk_tokens(cfg.loss_chunk_tokens, len(features))
+            chunk = score_chunk_tokens(self.chunk, len(features))
             return score_matrix(
                 s_features, self.s_head, t_features, self.t_head, cfg.divergence, chunk=chunk, **opts
             )
@@ -385,7 +388,7 @@ class _ChunkedLosses:
             self.t_head,
             tau=cfg.kd_temperature,
             beta=cfg.jsd_beta,
-            chunk=cfg.loss_chunk_tokens,
+            chunk=self.chunk,
         )
         parts = dict.fromkeys(PARTS, values.new_zeros(()))
         for term, value in zip(terms, values, strict=True):
@@ -534,6 +537,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    cfg = cfg.on_device(accelerator.device)
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None

@@ -11,6 +11,7 @@ shards already written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from vlsi.data.processing import ImageSize, VLProcessor
 from vlsi.data.records import IGNORE_INDEX, ChatDataset, Encoder, collate, scan_skips, skip_report
-from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, _chunks
+from vlsi.losses.chunked import _chunks, default_chunk_tokens
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
 from vlsi.losses.tokens import count_response_tokens, shift_labels
 from vlsi.train.checkpointing import fingerprint as settings_hash
@@ -74,14 +75,18 @@ class TeacherCacheConfig(ImageSize):
         default="float16", metadata={"help": "stored log-probabilities: float16 | float32"}
     )
     chunk_tokens: int = field(
-        default=DEFAULT_CHUNK_TOKENS, metadata={"help": "response tokens per [chunk, V] block of the head"}
+        default=0,
+        metadata={
+            "help": "response tokens per [chunk, V] block of the head; 0 = by device, as step 2's "
+            "--loss-chunk-tokens (vlsi.losses.chunked.default_chunk_tokens)"
+        },
     )
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.batch_size < 1 or self.shard_records < 1 or self.chunk_tokens < 1:
-            raise ValueError("--batch-size, --shard-records and --chunk-tokens must be >= 1")
+        if self.batch_size < 1 or self.shard_records < 1 or self.chunk_tokens < 0:
+            raise ValueError("--batch-size and --shard-records must be >= 1, --chunk-tokens >= 0")
         if self.kd_temperature <= 0:
             raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.logp_dtype not in LOGP_DTYPES:
@@ -256,6 +261,8 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, 0)
+    if not cfg.chunk_tokens:
+        cfg = dataclasses.replace(cfg, chunk_tokens=default_chunk_tokens(accelerator.device))
     processor = VLProcessor.from_pretrained(cfg.teacher, **cfg.pixel_bounds())
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     if accelerator.is_main_process:  # before the teacher loads: the share of records the cache will skip

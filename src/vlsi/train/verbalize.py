@@ -241,8 +241,9 @@ def _frozen_model(cfg: VerbalizeConfig, accelerator, model: nn.Module | None) ->
 def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> dict:
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
-    chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    cfg = cfg.on_device(accelerator.device)
+    chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
     processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = _frozen_model(cfg, accelerator, model)
     backbone = Backbone(model)
