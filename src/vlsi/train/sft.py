@@ -72,6 +72,11 @@ def whole_for_generation(model):
     there. So every unit is all-gathered once on entry (a collective: enter it on every process) with
     resharding after forward switched off, FSDP2's own switch for evaluation; on exit each is resharded and the
     switch restored. The whole model is held on every process meanwhile. Anything else is left as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
