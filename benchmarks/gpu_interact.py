@@ -133,7 +133,7 @@ def interact_settings(args):
     values.update(max_length=args.seq_len, seed=args.seed)
     if args.loss_impl:
         values["loss_impl"] = args.loss_impl
-    return InteractSettings(**values)
+    return InteractSettings(**values).on_device()  # the chunk of the device this benchmark runs on
 
 
 def plan_estimate(names, t_layers, s_layers, settings) -> dict:

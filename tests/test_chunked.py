@@ -284,3 +284,22 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
     steps = {(r["step"], r["impl"]) for r in result["rows"]}
     assert steps == {("sft", "-"), *((s, i) for s in ("interact", "verbalize") for i in bench.IMPLS)}
     assert all(r["time_s"] > 0 and r["peak_mb"] > 0 and r["gflops"] > 0 for r in result["rows"])
+
+
+def test_the_chunk_is_chosen_by_device():
+    from vlsi.losses.chunked import default_chunk_tokens
+    from vlsi.train.interact import InteractSettings
+    from vlsi.train.verbalize import VerbalizeSettings
+
+    # A CPU keeps the chunk every CPU result was computed with; a GPU takes 8x more tokens per head read.
+    assert default_chunk_tokens("cpu") == 128
+    assert default_chunk_tokens("cuda") == default_chunk_tokens(torch.device("cuda", 3)) == 1024
+    if not torch.cuda.is_available():
+        assert default_chunk_tokens() == 128  # this machine's device
+    for settings in (InteractSettings(), VerbalizeSettings()):
+        assert settings.loss_chunk_tokens == 0  # by device
+        assert settings.on_device("cpu").loss_chunk_tokens == 128
+        assert settings.on_device("cuda").loss_chunk_tokens == 1024
+        assert type(settings)(loss_chunk_tokens=64).on_device("cuda").loss_chunk_tokens == 64  # as given
+    with pytest.raises(ValueError, match="--loss-chunk-tokens must be >= 0"):
+        InteractSettings(loss_chunk_tokens=-1).validate()

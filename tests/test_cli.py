@@ -1,9 +1,11 @@
 """End to end through the real command line, on the tiny models and a small synthetic set."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
@@ -122,3 +124,93 @@ def test_yaml_config_values_take_the_option_types(tmp_path, tiny_models, synth_d
     config.write_text("lr: fast\n")
     assert main(["sft", "--config", str(config), "--model", "m", "--data", "d", "--out", "o"]) == 2
     assert "'lr' must be a float, got 'fast'" in capsys.readouterr().err
+
+
+def _bf16_tied_copy(student, out):
+    """The tiny student as a real 2B checkpoint ships: bf16, embeddings tied to the head."""
+    shutil.copytree(student, out)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(student, dtype=torch.float32)
+    model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = True
+    model.tie_weights()
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def _saved_dtypes(path) -> set:
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}, set(f.keys())
+
+
+def test_exports_keep_the_source_checkpoint_dtype(tmp_path, tiny_models, verbalizers, synth_data):
+    source = _bf16_tied_copy(tiny_models["student"], tmp_path / "bf16")
+    data = synth_data / "train.json"
+    lora = "--max-steps 2 --batch-size 4 --lora --lora-rank 4 --lora-alpha 4 --lr 1e-2"
+    assert main(_sft(source, data, tmp_path / "sft", lora)) == 0
+    interact = ["interact", "--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers",
+                str(verbalizers["teacher"]), "--student", str(source), "--student-verbalizers",
+                str(verbalizers["student"]), "--data", str(data), "--out", str(tmp_path / "interact"),
+                "--max-steps", "1", "--batch-size", "4"]  # fmt: skip
+    assert main(interact) == 0
+    for out in (tmp_path / "sft", tmp_path / "interact"):
+        dtypes, keys = _saved_dtypes(out)
+        assert dtypes == {torch.bfloat16}
+        assert "lm_head.weight" not in keys  # still tied: written once
+        config = json.loads((out / "config.json").read_text())
+        assert config["dtype"] == config["text_config"]["dtype"] == "bfloat16"
+        loaded = AutoModelForImageTextToText.from_pretrained(out, dtype="auto")
+        assert (
+            loaded.dtype == torch.bfloat16 and loaded.lm_head.weight is loaded.get_input_embeddings().weight
+        )
+
+    # LoRA was merged into the fp32 weights, then cast once: the same run from an fp32 copy of the source
+    # (bf16 -> fp32 is exact) exports fp32 weights that cast to the bf16 export's bit for bit.
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(source, fp32, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    Qwen2VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32).save_pretrained(fp32)
+    assert main(_sft(fp32, data, tmp_path / "sft32", lora)) == 0
+    assert _saved_dtypes(tmp_path / "sft32")[0] == {torch.float32}
+    bf16 = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "sft", dtype="auto").state_dict()
+    full = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "sft32", dtype="auto").state_dict()
+    assert all(torch.equal(full[k].to(torch.bfloat16), bf16[k]) for k in bf16)
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    base = Qwen2VLForConditionalGeneration.from_pretrained(source, dtype="auto").state_dict()
+    assert not torch.equal(bf16[q], base[q])  # the merged adapters survive the cast
+
+
+def test_max_pixels_keeps_large_images_and_the_skips_are_reported_before_training(
+    tmp_path, tiny_models, capsys
+):
+    # The tiny student with the stock Qwen2-VL ceiling (12,845,056 px), as the released checkpoints ship.
+    source = tmp_path / "stock"
+    shutil.copytree(tiny_models["student"], source)
+    pre = json.loads((source / "preprocessor_config.json").read_text())
+    pre["size"]["longest_edge"] = 12_845_056
+    (source / "preprocessor_config.json").write_text(json.dumps(pre))
+    # Half the records carry a 400 x 400 image: 625 tokens at 16 x 16 px each, over --max-length 256.
+    records = []
+    for i in range(8):
+        size = 400 if i % 2 else 48
+        Image.new("RGB", (size, size), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": turns})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+
+    options = "--max-steps 4 --batch-size 2 --max-length 256"
+    assert main(_sft(source, data, tmp_path / "stock_ceiling", options)) == 0
+    printed = capsys.readouterr().out
+    assert "data: 8 of 8 records encoded before training; 4 (50.0%) would be skipped" in printed
+    assert "too long: 4 (50.0%), e.g. record 1 (id 'r1'): too long: " in printed
+    assert "lower --max-pixels" in printed
+
+    out = tmp_path / "bounded"
+    assert main(_sft(source, data, out, options + " --max-pixels 2304")) == 0
+    assert (
+        "data: 8 of 8 records encoded before training; 0 (0.0%) would be skipped" in capsys.readouterr().out
+    )
+    assert json.loads((out / "train_summary.json").read_text())["skipped"] == 0  # one epoch: every record
+    # The export reads images as the run did, with no option.
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 2304
+    assert VLProcessor.from_pretrained(out).image_processor.size["longest_edge"] == 2304

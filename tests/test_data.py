@@ -14,6 +14,8 @@ from vlsi.data.records import (
     RecordError,
     collate,
     load_records,
+    scan_skips,
+    skip_report,
 )
 
 
@@ -106,6 +108,27 @@ def test_dataset_skips_and_counts_bad_records_with_a_named_warning(processor, fo
     assert "record 1 (id 'gone')" in caplog.text and "image not found" in caplog.text
     batch = collate(items, processor.pad_token_id)
     assert batch["input_ids"].shape[0] == 1
+
+
+def test_the_skip_scan_counts_by_reason_over_the_whole_file_without_touching_the_run(processor, folder):
+    long_turns = [("human", "<image>\n" + "word " * 200), ("gpt", "red")]
+    records = [_record(f"r{i}") for i in range(30)]
+    records[3] = _record("gone", image="missing.png")
+    records[24] = _record("long", turns=long_turns)
+    records[28] = _record("long2", turns=long_turns)
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    ds = ChatDataset(path, Encoder(processor, max_length=100))
+    scan = scan_skips(ds, limit=10)
+    # Ten records spread over the 30 (every third): the last third of the file is sampled too.
+    assert scan["scanned"] == 10 and scan["skipped"] == 2
+    assert scan["by_reason"] == {"image not found": 1, "too long": 1}
+    assert ds.skips.total == 0  # the run's own count starts at zero
+    assert scan_skips(ds)["by_reason"] == {"image not found": 1, "too long": 2}
+    report = skip_report(scan, len(ds), 100)
+    assert report.startswith("data: 10 of 30 records encoded before training; 2 (20.0%) would be skipped")
+    assert "too long: 1 (10.0%), e.g. record 24 (id 'long'): too long: " in report
+    assert "image not found: 1 (10.0%), e.g. record 3 (id 'gone')" in report and "--max-pixels" in report
 
 
 def test_invalid_json_fails_at_once_with_the_line_number(tmp_path):

@@ -16,6 +16,7 @@ from vlsi.run.cli import main
 from vlsi.run.distill import MODELS, TINY_PRESET, DistillConfig, check_config, control_budget, record_config
 from vlsi.train.interact import InteractSettings
 from vlsi.train.sft import SFTSettings
+from vlsi.train.verbalize import VerbalizeSettings
 
 # Every step of the built-in setting shrunk to a few updates on a few records.
 SMALL = (
@@ -200,3 +201,77 @@ def test_builtin_setting_on_new_images_with_the_teachers_answers(tmp_path):
         results = json.loads((out / name).read_text())
         assert set(results) == set(MODELS)
     assert json.loads((out / "results_val.json").read_text())["vlsi"]["n"] == 3 * 3
+
+
+def test_image_bounds_reach_every_step_and_export(tmp_path, tiny_models, verbalizers, synth_data):
+    from vlsi.run.distill import Distiller
+
+    root, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = DistillConfig(
+        out=str(root),
+        max_pixels=1024,  # the tiny checkpoints' own: 2304
+        interact=InteractSettings(max_steps=1, batch_size=4, teacher_cache=str(cache)),
+        sft=SFTSettings(max_steps=1, batch_size=4),
+    )
+    teacher, student = str(tiny_models["teacher"]), str(tiny_models["student"])
+    distiller = Distiller(cfg, teacher, student, str(synth_data / "train.json"))
+    # The cache's teacher and step 2's student read images alike, or step 2 would refuse the cache.
+    distiller.teacher_cache(verbalizers["teacher"])
+    step2 = distiller.interact(root / "step2", student, verbalizers["teacher"], verbalizers["student"], "2")
+    step3 = distiller.sft(root / "step3", str(step2), "3")
+    for out in (step2, step3):
+        assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 1024
+
+
+def test_no_stage_s_models_survive_into_the_next(tmp_path, tiny_models, synth_data, monkeypatch):
+    import gc
+    import weakref
+
+    import vlsi.run.distill as distill
+    import vlsi.train.interact as interact
+    import vlsi.train.sft as sft
+    import vlsi.train.verbalize as verbalize
+
+    loaded: list[tuple[str, weakref.ref]] = []  # (stage, model) of every checkpoint a stage loaded
+    survivors: dict[str, list[str]] = {}  # stage -> earlier stages whose models were alive at its start
+    stage = [""]
+
+    def recorded(load):
+        def load_model(*args, **kwargs):
+            model = load(*args, **kwargs)
+            loaded.append((stage[0], weakref.ref(model)))
+            return model
+
+        return load_model
+
+    def staged(name, run):
+        def wrapper(cfg):
+            survivors[name] = sorted({s for s, ref in loaded if ref() is not None})
+            stage[0] = name
+            return run(cfg)
+
+        return wrapper
+
+    for module in (verbalize, interact, sft):
+        monkeypatch.setattr(module, "load_model", recorded(module.load_model))
+    monkeypatch.setattr(distill, "train_verbalizers", staged("step1", distill.train_verbalizers))
+    monkeypatch.setattr(distill, "train_interaction", staged("step2", distill.train_interaction))
+    monkeypatch.setattr(distill, "train_sft", staged("step3", distill.train_sft))
+    cfg = DistillConfig(
+        out=str(tmp_path / "run"),
+        student_layers="1",
+        verbalize=VerbalizeSettings(max_steps=1, batch_size=4),
+        interact=InteractSettings(max_steps=1, batch_size=4),
+        sft=SFTSettings(max_steps=1, batch_size=4),
+    )
+    teacher, student = str(tiny_models["teacher"]), str(tiny_models["student"])
+    # The cyclic collector off, as when a stage allocates few Python objects: only what distill frees is freed.
+    gc.disable()
+    try:
+        distill.Distiller(cfg, teacher, student, str(synth_data / "train.json")).run()
+    finally:
+        gc.enable()
+    assert [s for s, _ in loaded].count("step1") == 2 and {"step2", "step3"} <= {s for s, _ in loaded}
+    # Step 1's teacher (and everything else) is gone before the next stage starts, and after the last one.
+    assert survivors == {"step1": [], "step2": [], "step3": []}
+    assert all(ref() is None for _, ref in loaded)

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
 PROBE = Path(__file__).with_name("grad_probe.py")
 SHARD_PROBE = Path(__file__).with_name("shard_probe.py")
+EVAL_PROBE = Path(__file__).with_name("eval_probe.py")
 # CPU only (gloo), one thread per process: two processes share the CI machine's two cores.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
 
@@ -205,3 +206,18 @@ def test_step2_with_an_moe_teacher_sharded_over_two_processes_equals_one_process
     got = json.loads(result.read_text())
     assert got["max_diff"] < 1e-5 and got["layer_shard_fraction"] == 0.5
     assert got["loss_whole"] > 0 and got["loss_sharded"] == pytest.approx(got["loss_whole"], rel=1e-5)
+
+
+def test_sft_learning_curve_on_a_sharded_student_is_taken_by_every_process(tmp_path, tiny_models, synth_data):
+    """``sft --eval-data`` under FSDP2: the point's generation all-gathers shards, so every process takes part."""
+    result = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(EVAL_PROBE), str(tiny_models["student"])]
+    cmd += [str(synth_data / "test.json"), str(result)]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the sharded evaluation hung: {(e.stderr or b'')[-3000:]!r}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    # Scored against the unsharded student's own answers: the sharded one gives every one of them.
+    assert json.loads(result.read_text())["accuracy"] == 1.0

@@ -220,6 +220,7 @@ def test_vlsi_plan_prints_every_recipe(path, capsys):
         assert needle in out
     if path.stem == "qwen2vl-72b-to-7b":
         assert "student  7 x   38.5M =   269.8M" in out
+    assert "verbalize chunked (1024), interact chunked (1024)" in out  # a GPU's chunk, as a GPU run takes
 
 
 def test_vlsi_plan_refuses_a_bad_engine(capsys):

@@ -241,3 +241,43 @@ def test_every_family_has_its_placeholder_rule():
     from vlsi.model.backbone import FAMILIES
 
     assert set(PLACEHOLDERS) == {mt for family in FAMILIES.values() for mt in family.model_types}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_pixel_bounds_resize_as_named_and_are_saved(family, family_models, tmp_path):
+    path = family_models(family)["student"]
+    big, small = record(tmp_path, [(400, 300)], "big"), record(tmp_path, [(20, 20)], "small")
+
+    def tokens(processor, rec):
+        return Encoder(processor).encode_prompt(rec, tmp_path)[0]["image_grid_thw"].prod().item()
+
+    plain = VLProcessor.from_pretrained(path)
+    token_px = (plain.image_processor.patch_size * plain.image_processor.merge_size) ** 2
+    low, high = 3 * token_px, 4 * token_px  # between the tiny checkpoints' own bounds
+    bounded = VLProcessor.from_pretrained(path, min_pixels=low, max_pixels=high)
+    merge = plain.image_processor.merge_size**2
+    assert tokens(bounded, big) // merge <= 4 < tokens(plain, big) // merge
+    assert tokens(plain, small) // merge < 3 <= tokens(bounded, small) // merge
+    # The stock processor given the same keywords makes the same inputs.
+    stock = image_only(STOCK[family])(
+        image_processor=AutoImageProcessor.from_pretrained(
+            path, backend="pil", min_pixels=low, max_pixels=high
+        ),
+        tokenizer=AutoTokenizer.from_pretrained(path),
+    )
+    ours = Encoder(bounded).encode_prompt(big, tmp_path)[0]
+    assert torch.equal(ours["pixel_values"], stock_inputs(bounded, stock, big, tmp_path)["pixel_values"])
+    # Saved with the processor, as an export saves it: a reload needs no options to read images alike.
+    out = tmp_path / "saved"
+    bounded.save_pretrained(out)
+    shutil.copy(path / "config.json", out / "config.json")
+    reloaded = VLProcessor.from_pretrained(out)
+    assert tokens(reloaded, big) == tokens(bounded, big) and tokens(reloaded, small) == tokens(bounded, small)
+
+    with pytest.raises(ValueError, match="min_pixels"):
+        VLProcessor.from_pretrained(path, min_pixels=high + 1, max_pixels=high)
+
+
+def test_pixel_bounds_are_refused_for_llava_onevision(family_models):
+    with pytest.raises(ValueError, match="llava_onevision image processor has no min_pixels / max_pixels"):
+        VLProcessor.from_pretrained(family_models("llava_onevision")["student"], max_pixels=100_000)

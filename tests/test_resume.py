@@ -116,3 +116,21 @@ def test_a_checkpoint_of_another_model_at_the_same_path_is_refused(tmp_path, tin
     assert main(_sft(model, data, out)) == 2
     err = capsys.readouterr().err
     assert "another model" in err and "->" in err
+
+
+def test_unset_image_bounds_leave_the_resume_fingerprint_as_it_was():
+    # --min-pixels / --max-pixels came after runs had started: a checkpoint written before them still resumes.
+    import dataclasses
+
+    from vlsi.train.checkpointing import fingerprint
+    from vlsi.train.runtime import BOOKKEEPING, run_fingerprint
+    from vlsi.train.sft import SFTConfig
+
+    cfg = SFTConfig(model="m", data="d", out="o")
+    earlier = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in (*BOOKKEEPING, "min_pixels", "max_pixels")
+    }
+    assert run_fingerprint(cfg, 2) == fingerprint(dict(earlier, world=2))
+    assert run_fingerprint(dataclasses.replace(cfg, max_pixels=1024), 2) != run_fingerprint(cfg, 2)

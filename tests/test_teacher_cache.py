@@ -5,8 +5,11 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from vlsi.model.backbone import Backbone
+from vlsi.model.loading import load_model
 from vlsi.run.cli import main
 from vlsi.train.teacher_cache import INDEX_FILE, TeacherCache, bytes_per_token, shard_path
 
@@ -253,3 +256,51 @@ def test_distill_builds_the_cache_once_after_step_1(tmp_path, tiny_models, verba
     mtime = index.stat().st_mtime_ns
     distiller.teacher_cache(verbalizers["teacher"])  # finished: not rebuilt
     assert index.stat().st_mtime_ns == mtime
+
+
+def _padded_teacher(teacher, out, rows: int = 128):
+    """The tiny teacher with ``rows`` padding rows on its embeddings and head, as Qwen2-VL-72B's 152,064 rows
+    pad the tokenizer the 151,936-row 2B student shares."""
+    shutil.copytree(teacher, out)
+    model = load_model(teacher, dtype=torch.float32)
+    model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + rows)
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    model.save_pretrained(out)
+    return out
+
+
+def test_distill_caches_a_padded_teacher_at_the_shared_width(tmp_path, tiny_models, synth_data):
+    from vlsi.run.distill import DistillConfig, check_config, run_distill
+    from vlsi.train.interact import InteractSettings
+    from vlsi.train.sft import SFTSettings
+    from vlsi.train.verbalize import VerbalizeSettings
+
+    teacher = _padded_teacher(tiny_models["teacher"], tmp_path / "padded")
+    student_rows = Backbone(load_model(tiny_models["student"], dtype=torch.float32)).vocab_size
+    padded = Backbone(load_model(teacher, dtype=torch.float32))
+    assert padded.vocab_size == padded.embed_tokens.num_embeddings == student_rows + 128
+    cache = tmp_path / "cache"
+    cfg = DistillConfig(
+        out=str(tmp_path / "run"), teacher=str(teacher), student=str(tiny_models["student"]),
+        train_data=str(synth_data / "train.json"), teacher_layers="3,5", student_layers="1",
+        verbalize=VerbalizeSettings(max_steps=1, batch_size=4),
+        interact=InteractSettings(max_steps=1, batch_size=4, teacher_cache=str(cache)),
+        sft=SFTSettings(max_steps=1, batch_size=4),
+    )  # fmt: skip
+    run_distill(cfg)
+    assert TeacherCache(cache).width == student_rows
+    # Recorded with the chunk it ran with (this CPU's), as every run before the per-device default was.
+    recorded = yaml.safe_load((tmp_path / "run" / "distill_config.yaml").read_text())
+    assert recorded["verbalize"]["loss_chunk_tokens"] == recorded["interact"]["loss_chunk_tokens"] == 128
+    assert json.loads((tmp_path / "run" / "step2_interact" / "train_summary.json").read_text())["steps"] == 1
+
+    # A cache at the teacher's own width (what distill built before) is refused before step 1, from the
+    # configs alone.
+    index = json.loads((cache / INDEX_FILE).read_text())
+    index["fingerprint"]["width"] = student_rows + 128
+    (cache / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=f"over a vocabulary of {student_rows + 128} tokens.*share {student_rows}"
+    ):
+        check_config(cfg)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,6 +104,55 @@ class AnyresRule:
         return rows * cols + rows
 
 
+@dataclass(kw_only=True)
+class ImageSize:
+    """The pixel bounds of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL image processors, named as the stock processors
+    name them (``AutoProcessor.from_pretrained(..., min_pixels=, max_pixels=)``), overriding the checkpoint's.
+
+    An image is resized, aspect kept, so its area lies between them, then cut into one placeholder token per
+    ``(patch_size * merge_size)²`` pixels (28² for Qwen2-VL). The stock ceiling is 12,845,056 px, up to 16,384
+    tokens per image: at --max-length 2048 any image above ~1.6 MP makes its record too long to train on.
+    The bounds are written into every exported checkpoint's ``preprocessor_config.json``.
+    """
+
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "smaller images are upscaled to this many pixels (default: the checkpoint's)"},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "larger images are downscaled to this many pixels, e.g. 1003520 (= 1280 tokens of 28x28 "
+            "px); default: the checkpoint's (Qwen2-VL: 12845056, which at --max-length 2048 skips any "
+            "record with an image over ~1.6 MP as too long)"
+        },
+    )
+
+    def pixel_bounds(self) -> dict[str, int]:
+        """The bounds that are set, as keyword arguments of :meth:`VLProcessor.from_pretrained`."""
+        return {k: v for k in ("min_pixels", "max_pixels") if (v := getattr(self, k)) is not None}
+
+
+def _check_bounds(image_processor, model_type: str, bounds: dict[str, int], path) -> None:
+    """``min_pixels`` / ``max_pixels`` refused for a family without them, or when they leave no valid size."""
+    if not bounds:
+        return
+    if PLACEHOLDERS[model_type][1] is not GridRule:
+        raise ValueError(
+            f"{path}: the {model_type} image processor has no min_pixels / max_pixels (an image becomes at most "
+            "a fixed number of tiles whatever its size); leave them unset"
+        )
+    if image_processor is None:
+        return
+    low, high = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    token = (image_processor.patch_size * image_processor.merge_size) ** 2
+    if high < token or not 0 < low <= high:
+        raise ValueError(
+            f"{path}: need 0 < min_pixels ({low}) <= max_pixels ({high}), and max_pixels at least one token's "
+            f"{token} px"
+        )
+
+
 # Per model type (the families of vlsi.model.backbone.FAMILIES): the image placeholder its chat template
 # writes and the rule of how many copies of it an image becomes.
 PLACEHOLDERS = {
@@ -141,7 +190,11 @@ class VLProcessor:
     source: Path | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLProcessor:
+    def from_pretrained(
+        cls, path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> VLProcessor:
+        """The processor of checkpoint ``path``; ``min_pixels`` / ``max_pixels`` (:class:`ImageSize`) replace
+        its image processor's bounds, and :meth:`save_pretrained` writes them with the rest."""
         path = resolve_model(path)  # a mistyped folder is named as one, not as a failed hub connection
         config = AutoConfig.from_pretrained(path)
         if config.model_type not in PLACEHOLDERS:
@@ -163,7 +216,12 @@ class VLProcessor:
                 f"but the model's image token id is {expected}"
             )
         # The PIL backend needs no torchvision and gives the same numbers as the torchvision one.
-        image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        bounds = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        bounds = {k: v for k, v in bounds.items() if v is not None}
+        _check_bounds(None, config.model_type, bounds, path)
+        # The bounds as keyword arguments, as the stock processors take them; they replace the file's.
+        image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", **bounds)
+        _check_bounds(image_processor, config.model_type, bounds, path)
         try:
             rule = rule_cls(image_processor, config)
         except ValueError as e:

@@ -24,6 +24,8 @@ from PIL import Image
 from vlsi.data.processing import VLProcessor
 from vlsi.losses.tokens import IGNORE_INDEX
 
+# Records encoded before training, spread over the file, to report the share that will be skipped and why.
+SKIP_SCAN_RECORDS = 200
 # Per-image (or per-record) tensors beside pixel_values, concatenated over a batch's records.
 IMAGE_KEYS = ("image_grid_thw", "image_sizes", "batch_num_images")
 IMAGE_PLACEHOLDER = "<image>"
@@ -261,6 +263,50 @@ class ChatDataset(torch.utils.data.Dataset):
         except RecordError as e:
             self.skips.skip(str(self.path), index, record, e)
             return None
+
+
+def spread(n: int, limit: int) -> list[int]:
+    """Up to ``limit`` indices spread evenly over ``range(n)``: data files are often sorted by source."""
+    return sorted({i * n // limit for i in range(limit)}) if n > limit else list(range(n))
+
+
+def scan_skips(dataset: ChatDataset, limit: int = SKIP_SCAN_RECORDS, n: int | None = None) -> dict:
+    """Encodes up to ``limit`` of the first ``n`` records (all), spread over them, and counts those training
+    would skip, by reason: ``{"scanned", "skipped", "by_reason": {reason: count}, "example": {reason: message},
+    "longest": tokens of the longest usable record}``. Nothing is counted in ``dataset.skips`` (the run's own
+    summary) and nothing is logged per record."""
+    by_reason, example, longest = Counter(), {}, 0
+    picks = spread(len(dataset) if n is None else n, limit)
+    for i in picks:
+        record = dataset.records[i]
+        try:
+            longest = max(longest, len(dataset.encoder.encode(record, dataset.base)["input_ids"]))
+        except RecordError as e:
+            by_reason[e.reason] += 1
+            example.setdefault(e.reason, f"{record_name(record, i)}: {e}")
+    skipped = sum(by_reason.values())
+    return {"scanned": len(picks), "skipped": skipped, "by_reason": dict(by_reason), "example": example,
+            "longest": longest}  # fmt: skip
+
+
+def skip_report(scan: dict, total: int, max_length: int) -> str:
+    """:func:`scan_skips` as the lines a run prints before it trains."""
+    share = scan["skipped"] / max(1, scan["scanned"])
+    head = (
+        f"data: {scan['scanned']} of {total} records encoded before training; {scan['skipped']} "
+        f"({share:.1%}) would be skipped"
+    )
+    if scan["scanned"] > scan["skipped"]:
+        head += f"; the longest usable one has {scan['longest']} of --max-length {max_length} tokens"
+    lines = [head]
+    for reason, count in sorted(scan["by_reason"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason}: {count} ({count / scan['scanned']:.1%}), e.g. {scan['example'][reason]}")
+    if "too long" in scan["by_reason"]:
+        lines.append(
+            "  large images make long records (Qwen2-VL: one token per 28x28 px, up to --max-pixels, "
+            "12.8 MP by default): lower --max-pixels or raise --max-length"
+        )
+    return "\n".join(lines)
 
 
 def collate(items: list[dict | None], pad_id: int, padding_side: str = "right") -> dict | None:

@@ -39,10 +39,12 @@ from vlsi.losses.divergences import DIVERGENCES, log_prob_divergence
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
+    "GPU_CHUNK_TOKENS",
     "LABELS",
     "LOSS_IMPLS",
     "Term",
     "chunked_unsupported",
+    "default_chunk_tokens",
     "head_losses",
     "head_weight",
     "score_chunk_tokens",
@@ -50,10 +52,16 @@ __all__ = [
 ]
 
 LOSS_IMPLS = ("chunked", "reference")
-# Response tokens per chunk: about four [chunk, V] float32 blocks are alive at once, 78 MB each at
-# Qwen2-VL's vocabulary. A GPU may want more (--loss-chunk-tokens 512): a smaller chunk re-reads the
-# [V, D] head weight more often than it computes with it.
+# Response tokens per chunk, by device (default_chunk_tokens). About four [chunk, V] float32 blocks are alive at
+# once, 78 MB each per 128 tokens at Qwen2-VL's vocabulary. On a CPU: 128, the value every recorded CPU result
+# was computed with. On a GPU each chunk reads a whole [V, D] head again for every layer it scores or trains,
+# for 2 x chunk FLOPs per head element read, i.e. `chunk` FLOPs per byte of a bf16 head. An H100 needs about
+# 300 (990 TFLOP/s over 3.35 TB/s), an A100 about 150, or its matmuls wait on memory: at 128 they would run at
+# under half of peak, reading the 72B teacher's 2.5 GB head hundreds of times per micro-batch. At 1024 the loss
+# pass (and scoring, whose chunk is 1024 x 4 / (t_s + 3) = 409 tokens for 7 student layers) is past that
+# point on both, for about 2.3 GiB of chunk blocks per GPU instead of 0.3 (`vlsi plan` counts them).
 DEFAULT_CHUNK_TOKENS = 128
+GPU_CHUNK_TOKENS = 1024
 # The op of a term trained with cross-entropy to the label tokens rather than against a teacher.
 LABELS = "labels"
 
@@ -80,12 +88,24 @@ def head_weight(head: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+def default_chunk_tokens(device: torch.device | str | None = None) -> int:
+    """The chunk ``--loss-chunk-tokens 0`` (the default) stands for on ``device``: :data:`DEFAULT_CHUNK_TOKENS` on
+    a CPU, :data:`GPU_CHUNK_TOKENS` on an accelerator (why: the comment at their definition). ``device`` None:
+    the device a run started now would train on, as accelerate picks it (the accelerator torch finds, else the
+    CPU)."""
+    if device is None:
+        found = getattr(torch, "accelerator", None)
+        device = found.current_accelerator() if found is not None and found.is_available() else "cpu"
+    return DEFAULT_CHUNK_TOKENS if torch.device(device).type == "cpu" else GPU_CHUNK_TOKENS
+
+
 def chunk_tokens(impl: str, chunk: int) -> int | None:
-    """``--loss-impl`` and ``--loss-chunk-tokens`` checked: the chunk size, or None for the reference losses."""
+    """``--loss-impl`` and ``--loss-chunk-tokens`` checked: the chunk size (0: by device), or None for the
+    reference losses."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"--loss-impl {impl!r} is not one of {', '.join(LOSS_IMPLS)}")
-    if chunk < 1:
-        raise ValueError(f"--loss-chunk-tokens must be >= 1, got {chunk}")
+    if chunk < 0:
+        raise ValueError(f"--loss-chunk-tokens must be >= 0 (0: by device), got {chunk}")
     return chunk if impl == "chunked" else None
 
 

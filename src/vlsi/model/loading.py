@@ -15,12 +15,24 @@ from vlsi.hub import resolve_model
 from vlsi.losses.vocab import SharedVocab, check_regular_vocab, compared_ids
 from vlsi.model.backbone import family_for
 
-__all__ = ["Pair", "check_pair", "check_same_tokenizer", "load_model", "resolve_model"]
+__all__ = ["Pair", "check_pair", "check_same_tokenizer", "head_width", "load_model", "resolve_model"]
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = "auto", **kwargs):
     """Loads any supported VLM from a local path or hub id (nothing vlsi-specific in the files)."""
     return AutoModelForImageTextToText.from_pretrained(resolve_model(path), dtype=dtype, **kwargs)
+
+
+def head_width(name: str | Path) -> int:
+    """Rows of a checkpoint's language head (its logits' width), from its config alone: the model is built on
+    the meta device, so no weight is read or allocated."""
+    from transformers import AutoConfig
+
+    from vlsi.model.backbone import Backbone
+
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    with torch.device("meta"):
+        return Backbone(AutoModelForImageTextToText.from_config(config)).vocab_size
 
 
 _SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")

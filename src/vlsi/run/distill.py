@@ -21,23 +21,26 @@ above. ``results.json`` and ``report.md`` hold the accuracy of each model.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
+from vlsi.data.processing import ImageSize
 from vlsi.model.backbone import parse_layers
 from vlsi.model.export import is_exported
-from vlsi.model.loading import check_pair
+from vlsi.model.loading import check_pair, head_width
 from vlsi.run.evaluate import SCORES
 from vlsi.run.figures import plot_curves, plot_skills, read_curve
 from vlsi.run.pipeline import TinySettings, evaluate_once, prepare_tiny, results_table, stage
 from vlsi.train.interact import InteractConfig, InteractSettings, train_interaction
 from vlsi.train.sft import SFTConfig, SFTSettings, train_sft
-from vlsi.train.teacher_cache import is_complete
+from vlsi.train.teacher_cache import INDEX_FILE, is_complete
 from vlsi.train.teacher_cache_build import TeacherCacheConfig, build_teacher_cache
 from vlsi.train.verbalize import VerbalizeConfig, VerbalizeSettings, train_verbalizers
 
@@ -53,7 +56,10 @@ MODELS = {
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ImageSize):
+    """One run; ``min_pixels`` / ``max_pixels`` (the image bounds, :class:`vlsi.data.processing.ImageSize`) apply to
+    every step, so teacher and student read images alike and every export carries them."""
+
     out: str = field(default="runs/distill", metadata={"help": "run directory"})
     teacher: str = field(
         default="", metadata={"help": "teacher checkpoint path or hub id; empty = the built-in tiny setting"}
@@ -135,6 +141,18 @@ def control_budget(interact: InteractSettings, sft: SFTSettings) -> dict:
     )
 
 
+def release_memory() -> None:
+    """Called after every stage, so that none of its models reaches the next.
+
+    A stage's models are unreachable once it returns, but they sit in reference cycles (module hooks and their
+    closures, back-references from accelerate and peft) that only Python's cyclic collector frees, and that runs
+    on object counts, not bytes: step 1's 72B teacher could still hold its memory while step 2 loads it again.
+    CUDA's caching allocator then keeps the freed blocks reserved by this process; they are handed back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _with(settings, **values) -> dict:
     """A step's settings as keyword arguments, with the run-level values on top."""
     return dict(dataclasses.asdict(settings), **values)
@@ -146,7 +164,11 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, teacher: str, student: str, train: str):
         self.cfg, self.root = cfg, Path(cfg.out)
         self.teacher, self.student, self.train = teacher, student, train
-        self.common = {"seed": cfg.seed, "image_root": cfg.image_root}
+        self.common = {"seed": cfg.seed, "image_root": cfg.image_root, **self.pixels}
+
+    @property
+    def pixels(self) -> dict:
+        return {"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels}
 
     def verbalizers(self, model: str, layers: str, name: str) -> Path:
         out = self.root / f"step1_{name}_verbalizers"
@@ -156,10 +178,13 @@ class Distiller:
             train_verbalizers(
                 VerbalizeConfig(**settings, model=model, data=self.train, out=str(out), layers=layers)
             )
+            release_memory()
         return out
 
     def teacher_cache(self, tv: Path) -> None:
-        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1."""
+        """Step 2's cached teacher (``interact: {teacher_cache: DIR}``), built once after step 1, over the
+        vocabulary the pair shares: step 2 compares on it, and a cache over the teacher's padded head
+        (152,064 rows for a 151,936-row student) would be refused there, after the whole teacher pass."""
         settings, path = self.cfg.interact, self.cfg.interact.teacher_cache
         if not path or is_complete(path):
             return
@@ -168,9 +193,11 @@ class Distiller:
             TeacherCacheConfig(
                 teacher=self.teacher, teacher_verbalizers=str(tv), data=self.train, out=path, student=self.student,
                 max_length=settings.max_length, image_root=self.cfg.image_root, precision=settings.precision,
-                kd_temperature=settings.kd_temperature,
+                kd_temperature=settings.kd_temperature, vocab_width=shared_width(self.teacher, self.student),
+                **self.pixels,
             )
         )  # fmt: skip
+        release_memory()
 
     def interact(self, out: Path, student: str, tv: Path, sv: Path, label: str, **overrides) -> Path:
         # train_summary.json is written after the export, so it marks a finished stage.
@@ -186,12 +213,14 @@ class Distiller:
                 out=str(out),
             )
             train_interaction(cfg)
+            release_memory()
         return out
 
     def sft(self, out: Path, model: str, label: str, **overrides) -> Path:
         if stage(out / "train_summary.json", label):
             settings = _with(self.cfg.sft, **self.common, **overrides)
             train_sft(SFTConfig(**settings, model=model, data=self.train, out=str(out)))
+            release_memory()
         if not is_exported(out):
             raise RuntimeError(f"{out}: marked finished but holds no complete export; remove it to retrain")
         return out
@@ -230,6 +259,27 @@ class Distiller:
 RERUN_MAY_CHANGE = ("out", "controls", "eval_batch_size")
 
 
+def shared_width(teacher: str, student: str) -> int:
+    """The vocabulary step 2 compares the pair on (:func:`vlsi.losses.divergences.shared_vocab`): the narrower
+    head, the wider one's extra rows being padding (Qwen2-VL-72B 152,064 vs 2B 151,936)."""
+    return min(head_width(teacher), head_width(student))
+
+
+def check_cache_width(path: str | Path, width: int) -> None:
+    """Refuses a teacher cache at ``path`` (finished or not) over another vocabulary than the pair's shared
+    ``width``: step 2 would refuse a wider one only after step 1, and a narrower one compares the pair on
+    fewer tokens than a live teacher would."""
+    index = Path(path) / INDEX_FILE
+    if not index.exists():
+        return
+    cached = json.loads(index.read_text()).get("fingerprint", {}).get("width")
+    if cached != width:
+        raise ValueError(
+            f"the teacher cache {path} is over a vocabulary of {cached} tokens, but the teacher and student share "
+            f"{width} (the narrower head); remove it, and the run builds it again at {width}"
+        )
+
+
 def check_config(cfg: DistillConfig) -> None:
     """Errors a run would otherwise meet only after hours of training."""
     cfg.interact.validate()
@@ -241,6 +291,9 @@ def check_config(cfg: DistillConfig) -> None:
         t_l, t_s = len(parse_layers(cfg.teacher_layers)), len(parse_layers(cfg.student_layers))
         if t_s > t_l:
             raise ValueError(f"{t_s} student layers but only {t_l} teacher layers: each needs its own match")
+    if cfg.teacher and cfg.student and cfg.interact.teacher_cache:
+        # From the configs alone: the cache is built (or was) over the pair's shared vocabulary.
+        check_cache_width(cfg.interact.teacher_cache, shared_width(cfg.teacher, cfg.student))
 
 
 def record_config(cfg: DistillConfig, root: Path) -> None:
@@ -260,6 +313,8 @@ def record_config(cfg: DistillConfig, root: Path) -> None:
 
 
 def run_distill(cfg: DistillConfig) -> dict:
+    # The chunk of the verbalized losses by this machine's device (0 = by device), recorded as resolved.
+    cfg = dataclasses.replace(cfg, verbalize=cfg.verbalize.on_device(), interact=cfg.interact.on_device())
     check_config(cfg)
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -298,10 +353,11 @@ def run_distill(cfg: DistillConfig) -> dict:
 
 
 def evaluate_all(models: dict[str, str], data: str, out: Path, cfg: DistillConfig) -> dict:
-    return {
-        key: evaluate_once(Path(path), Path(data), out / key, key, cfg.image_root, cfg.score)
-        for key, path in models.items()
-    }
+    results = {}
+    for key, path in models.items():
+        results[key] = evaluate_once(Path(path), Path(data), out / key, key, cfg.image_root, cfg.score)
+        release_memory()
+    return results
 
 
 def report(results: dict, root: Path) -> str:

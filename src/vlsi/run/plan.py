@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlsi.losses.chunked import GPU_CHUNK_TOKENS
 from vlsi.model.backbone import Backbone, get_module, parse_layers
 from vlsi.run.config import build_config, read_config_file
 from vlsi.run.memory import GIB, ModelSummary, estimate_memory, lora_parameters, verbalizer_parameters
@@ -335,6 +336,8 @@ def make_plan(cfg: PlanConfig) -> str:
         raise ValueError(f"--gpus must be >= 1, got {cfg.gpus}")
     recipe_file = find_recipe(cfg.recipe)
     recipe = load_recipe(recipe_file)
+    for step in ("verbalize", "interact"):  # a plan is for GPUs: the chunk a GPU run takes by default
+        recipe[step]["loss_chunk_tokens"] = recipe[step]["loss_chunk_tokens"] or GPU_CHUNK_TOKENS
     teacher, student = summarize(recipe["teacher"]), summarize(recipe["student"])
     vocab_notes = check_pair(teacher, student)  # before anything else: a mismatch is refused outright
     t_layers, s_layers = parse_layers(recipe["teacher_layers"]), parse_layers(recipe["student_layers"])

@@ -33,13 +33,14 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder, collate_pairs
-from vlsi.data.processing import VLProcessor
+from vlsi.data.processing import ImageSize, VLProcessor
 from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.losses.chunked import (
     LABELS,
     Term,
     chunk_tokens,
     chunked_unsupported,
+    default_chunk_tokens,
     head_losses,
     head_weight,
     score_chunk_tokens,
@@ -50,7 +51,7 @@ from vlsi.losses.matching import Match, MatchingConfig, match_counts, match_laye
 from vlsi.losses.sparse import sparse_score_matrix
 from vlsi.losses.vocab import SharedVocab
 from vlsi.model.backbone import Backbone
-from vlsi.model.export import export_checkpoint
+from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import check_pair, load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
@@ -142,7 +143,7 @@ class InteractSettings(VerbalizedLossArgs):
 
 
 @dataclass(kw_only=True)
-class InteractConfig(InteractSettings):
+class InteractConfig(InteractSettings, ImageSize):
     teacher: str = field(default="", metadata={"help": "checkpoint path of the (frozen) teacher"})
     teacher_verbalizers: str = field(
         default="", metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"}
@@ -347,6 +348,8 @@ class _ChunkedLosses:
         self.s_head, self.t_head, position = model.vocab.heads(s_head, t_head)
         if position is not None:
             self.target = position[target]
+        # A config built outside train_interaction may still say 0: the chunk of the device the states are on.
+        self.chunk = self.cfg.loss_chunk_tokens or default_chunk_tokens(states["final"].device)
         self._features: dict[int | str, torch.Tensor] = {}
         self._teacher: dict[int | str, torch.Tensor] = {}
 
@@ -372,11 +375,11 @@ class _ChunkedLosses:
             if self.t_head is None:
                 # Cached: top-k buckets per layer (vlsi.losses.sparse) instead of features. One [chunk, V]
                 # block is alive at a time, fewer than in the loss pass, so the loss pass's chunk fits.
-                chunk = cfg.loss_chunk_tokens
+                chunk = self.chunk
                 return sparse_score_matrix(
                     s_features, self.s_head, t_features, cfg.divergence, chunk=chunk, **opts
                 )
-            chunk = score_chunk_tokens(cfg.loss_chunk_tokens, len(features))
+            chunk = score_chunk_tokens(self.chunk, len(features))
             return score_matrix(
                 s_features, self.s_head, t_features, self.t_head, cfg.divergence, chunk=chunk, **opts
             )
@@ -395,7 +398,7 @@ class _ChunkedLosses:
             self.t_head,
             tau=cfg.kd_temperature,
             beta=cfg.jsd_beta,
-            chunk=cfg.loss_chunk_tokens,
+            chunk=self.chunk,
         )
         parts = dict.fromkeys(PARTS, values.new_zeros(()))
         for term, value in zip(terms, values, strict=True):
@@ -544,18 +547,20 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    cfg = cfg.on_device(accelerator.device)
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
     pair = check_pair(cfg.teacher, cfg.student) if cache is None else None
-    processor = VLProcessor.from_pretrained(cfg.student)
+    # A same-family teacher reads the same inputs: the student's processor, image bounds included.
+    processor = VLProcessor.from_pretrained(cfg.student, **cfg.pixel_bounds())
     student = _interacting_student(cfg, accelerator)
     encoder, collate_fn = Encoder(processor, cfg.max_length), collate
     if cache is not None:
         student.vocab = cache.vocab
     elif pair.cross_family:
         # Each model reads the record as its own family renders it; the responses must be one id sequence.
-        teacher_processor = VLProcessor.from_pretrained(cfg.teacher)
+        teacher_processor = VLProcessor.from_pretrained(cfg.teacher, **cfg.pixel_bounds())
         encoder = PairEncoder(encoder, Encoder(teacher_processor, cfg.max_length))
         collate_fn = collate_pairs(teacher_processor.pad_token_id)
         student.vocab = pair.vocab
@@ -621,6 +626,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
         if accelerator.is_main_process:
             trained.verbalizers.save(run.out / "verbalizers", base_model_info(trained.backbone))
             matches.write(run.out, totals, run.step, cfg.grad_accum * accelerator.num_processes)
-            export_checkpoint(trained.student, processor, run.out, extra={"interact": result})
+            # Trained in fp32, saved in the dtype of the student checkpoint it started from.
+            dtype = checkpoint_dtype(cfg.student)
+            export_checkpoint(trained.student, processor, run.out, extra={"interact": result}, dtype=dtype)
             write_summary(run.out, result)
     return result

@@ -4,6 +4,7 @@ step with its guard against a non-finite loss or gradient norm."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from vlsi.data.records import BatchStream, ChatDataset, collate, record_name
-from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS
+from vlsi.losses.chunked import GPU_CHUNK_TOKENS, default_chunk_tokens
 from vlsi.losses.tokens import count_response_tokens
 from vlsi.train.checkpointing import fingerprint
 from vlsi.train.engines import configure_deepspeed
@@ -147,13 +148,27 @@ class VerbalizedLossArgs(TrainingArgs):
         },
     )
     loss_chunk_tokens: int = field(
-        default=DEFAULT_CHUNK_TOKENS,
-        metadata={"help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary"},
+        default=0,
+        metadata={
+            "help": "response tokens per chunk of --loss-impl chunked: memory ~ chunk x vocabulary; 0 = by "
+            f"device: {default_chunk_tokens('cpu')} on a CPU, {GPU_CHUNK_TOKENS} on a GPU, where fewer leave "
+            "the head matmuls waiting on memory (vlsi.losses.chunked.default_chunk_tokens)"
+        },
     )
+
+    def on_device(self, device=None):
+        """This config with ``loss_chunk_tokens`` 0 replaced by the chunk of ``device`` (None: the device a run
+        started now would use), so that checkpoints and recorded configs name the chunk a run computed with."""
+        if self.loss_chunk_tokens:
+            return self
+        return dataclasses.replace(self, loss_chunk_tokens=default_chunk_tokens(device))
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.
 BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+# Options added after runs could have started; left out of the fingerprint while unset, so that a checkpoint
+# written before they existed still resumes.
+ADDED_UNSET = ("min_pixels", "max_pixels")
 
 
 def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
@@ -176,7 +191,11 @@ def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.
 
 def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (), **extra) -> str:
     """What a checkpoint must have been written with to be resumed exactly."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in (*BOOKKEEPING, *ignore)}
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in (*BOOKKEEPING, *ignore) and not (k in ADDED_UNSET and v is None)
+    }
     return fingerprint(dict(settings, world=world, **extra))
 
 

@@ -7,15 +7,16 @@ divides it by the response tokens of the whole accumulation window across all pr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
-from vlsi.data.processing import VLProcessor
+from vlsi.data.processing import ImageSize, VLProcessor
 from vlsi.data.records import ChatDataset, Encoder
 from vlsi.losses.tokens import response_cross_entropy
 from vlsi.model.backbone import family_for, get_module
-from vlsi.model.export import export_checkpoint
+from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.run.evaluate import EvalConfig, evaluate
@@ -42,7 +43,7 @@ class SFTSettings(TrainingArgs):
 
 
 @dataclass(kw_only=True)
-class SFTConfig(SFTSettings):
+class SFTConfig(SFTSettings, ImageSize):
     model: str = field(metadata={"help": "checkpoint path or hub id of the model to fine-tune"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: the fine-tuned plain checkpoint"})
@@ -57,23 +58,66 @@ def enable_gradient_checkpointing(model, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
+def _reshards_after_forward(unit) -> bool:
+    # FSDP2 has a setter and no getter: a unit that reshards after forward has a post-forward mesh.
+    return any(g.post_forward_mesh_info is not None for g in unit._get_fsdp_state()._fsdp_param_groups)
+
+
+@contextlib.contextmanager
+def whole_for_generation(model):
+    """An FSDP2-sharded ``model`` whole on every process while inside, for generation.
+
+    transformers' ``generate`` runs the vision tower outside the model's forward, where FSDP2 has not gathered
+    the parameters the root unit holds (the patch embedding, the merger), and a sharded parameter cannot be used
+    there. So every unit is all-gathered once on entry (a collective: enter it on every process) with
+    resharding after forward switched off, FSDP2's own switch for evaluation; on exit each is resharded and the
+    switch restored. The whole model is held on every process meanwhile. Anything else is left as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [_reshards_after_forward(unit) for unit in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, before, strict=True):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)
+
+
 def learning_curve_point(accelerator, model, processor: VLProcessor, cfg: SFTConfig) -> dict:
     """Greedy accuracy on the first ``eval_limit`` held-out records, overall and per skill.
 
-    Scored on the main process only (like ``vlsi eval``), then training resumes in train mode.
+    Scored on the main process (like ``vlsi eval``), then training resumes in train mode. A sharded student
+    (FSDP2, ZeRO-3) is scored by every process, on the same records, the main process keeping the score: on
+    such a model transformers' ``generate`` keeps the processes' loops in step with a collective per token
+    (and under ZeRO-3 each forward fetches every layer's partitions from all processes), so a main process
+    generating alone would wait forever. Under FSDP2 the student is made whole for it
+    (:func:`whole_for_generation`).
     """
+    from torch.distributed.tensor import DTensor
+
+    unwrapped = accelerator.unwrap_model(model)
+    sharded = any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in unwrapped.parameters())
     point = {}
-    if accelerator.is_main_process:
-        metrics = evaluate(
-            EvalConfig(model=cfg.model, data=cfg.eval_data, image_root=cfg.image_root, limit=cfg.eval_limit),
-            model=accelerator.unwrap_model(model),
-            processor=processor,
-            progress=False,
-        )
-        skills = metrics.get("per_skill", {})
-        point = {"accuracy": metrics["accuracy"], **{s: m["accuracy"] for s, m in skills.items()}}
+    with whole_for_generation(unwrapped):
+        if accelerator.is_main_process or sharded:
+            config = EvalConfig(
+                model=cfg.model, data=cfg.eval_data, image_root=cfg.image_root, limit=cfg.eval_limit
+            )
+            metrics = evaluate(config, model=unwrapped, processor=processor, progress=False)
+            skills = metrics.get("per_skill", {})
+            if accelerator.is_main_process:
+                point = {"accuracy": metrics["accuracy"], **{s: m["accuracy"] for s, m in skills.items()}}
+        accelerator.wait_for_everyone()
     model.train()
-    accelerator.wait_for_everyone()
     return point
 
 
@@ -91,7 +135,7 @@ def build_model(cfg: SFTConfig):
 
 def train_sft(cfg: SFTConfig) -> dict:
     accelerator = make_accelerator(cfg.precision, cfg.seed)
-    processor = VLProcessor.from_pretrained(cfg.model)
+    processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = build_model(cfg)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     run = prepare_run(accelerator, cfg, model, dataset)
@@ -126,6 +170,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     )
     with whole_trained(run) as trained:
         if accelerator.is_main_process:
-            export_checkpoint(trained, processor, run.out, extra={"sft": result})
+            # Trained in fp32, saved in the dtype of the checkpoint it started from.
+            dtype = checkpoint_dtype(cfg.model)
+            export_checkpoint(trained, processor, run.out, extra={"sft": result}, dtype=dtype)
             write_summary(run.out, result)
     return result

@@ -11,6 +11,7 @@ shards already written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder
-from vlsi.data.processing import VLProcessor
-from vlsi.data.records import ChatDataset, Encoder, collate
-from vlsi.losses.chunked import DEFAULT_CHUNK_TOKENS, _chunks
+from vlsi.data.processing import ImageSize, VLProcessor
+from vlsi.data.records import ChatDataset, Encoder, collate, scan_skips, skip_report
+from vlsi.losses.chunked import _chunks, default_chunk_tokens
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
 from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, shift_labels
 from vlsi.model.loading import check_pair
@@ -51,7 +52,7 @@ SIZE_SAMPLE = 32
 
 
 @dataclass(kw_only=True)
-class TeacherCacheConfig:
+class TeacherCacheConfig(ImageSize):
     teacher: str = field(metadata={"help": "checkpoint path of the teacher"})
     teacher_verbalizers: str = field(metadata={"help": "the teacher's verbalizers ('vlsi verbalize-train')"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL file step 2 will train on"})
@@ -85,14 +86,18 @@ class TeacherCacheConfig:
         default="float16", metadata={"help": "stored log-probabilities: float16 | float32"}
     )
     chunk_tokens: int = field(
-        default=DEFAULT_CHUNK_TOKENS, metadata={"help": "response tokens per [chunk, V] block of the head"}
+        default=0,
+        metadata={
+            "help": "response tokens per [chunk, V] block of the head; 0 = by device, as step 2's "
+            "--loss-chunk-tokens (vlsi.losses.chunked.default_chunk_tokens)"
+        },
     )
 
     def validate(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.batch_size < 1 or self.shard_records < 1 or self.chunk_tokens < 1:
-            raise ValueError("--batch-size, --shard-records and --chunk-tokens must be >= 1")
+        if self.batch_size < 1 or self.shard_records < 1 or self.chunk_tokens < 0:
+            raise ValueError("--batch-size and --shard-records must be >= 1, --chunk-tokens >= 0")
         if self.kd_temperature <= 0:
             raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.logp_dtype not in LOGP_DTYPES:
@@ -271,15 +276,19 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, 0)
-    processor = teacher_processor = VLProcessor.from_pretrained(cfg.teacher)
+    if not cfg.chunk_tokens:
+        cfg = dataclasses.replace(cfg, chunk_tokens=default_chunk_tokens(accelerator.device))
+    processor = teacher_processor = VLProcessor.from_pretrained(cfg.teacher, **cfg.pixel_bounds())
     encoder, keep = Encoder(processor, cfg.max_length), None
     pair = check_pair(cfg.teacher, cfg.student) if cfg.student else None
     if pair is not None and pair.cross_family:
         # Rows line up with the student's rendering; the fingerprint is the student's, as step 2 checks it.
-        processor = VLProcessor.from_pretrained(cfg.student)
+        processor = VLProcessor.from_pretrained(cfg.student, **cfg.pixel_bounds())
         encoder = PairEncoder(Encoder(processor, cfg.max_length), encoder)
         keep = pair.vocab.keep
     dataset = ChatDataset(cfg.data, encoder, cfg.image_root)
+    if accelerator.is_main_process:  # before the teacher loads: the share of records the cache will skip
+        print(skip_report(scan_skips(dataset), len(dataset), cfg.max_length), flush=True)
     teacher, verbalizers = _load_teacher(cfg, accelerator)
     read = Reader(teacher, verbalizers)
     keys = [*verbalizers.layers, FINAL]

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vlsi.data.records import BatchStream, ChatDataset
+from vlsi.data.records import BatchStream, ChatDataset, scan_skips, skip_report
 from vlsi.train.checkpointing import CheckpointManager
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import (
@@ -94,8 +94,14 @@ def prepare_run(
     dataset: ChatDataset,
     n_records: int | None = None,
 ) -> Run:
-    """The run of ``module``'s trainable parameters over the first ``n_records`` of ``dataset`` (all)."""
+    """The run of ``module``'s trainable parameters over the first ``n_records`` of ``dataset`` (all).
+
+    First the main process reports the share of records that will be skipped, by reason, from a sample spread
+    over them: the run's summary counts them only at its end, and a high rate (say, images too large for
+    --max-length) is worth stopping for in the first minutes."""
     n_records = len(dataset) if n_records is None else n_records
+    if accelerator.is_main_process:
+        print(skip_report(scan_skips(dataset, n=n_records), n_records, cfg.max_length), flush=True)
     module, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, module, n_records)
     return Run(accelerator, cfg, Path(cfg.out), module, optimizer, scheduler, stream, dataset, total)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlsi.data.processing import VLProcessor
+from vlsi.data.processing import ImageSize, VLProcessor
 from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.losses.chunked import chunk_tokens, chunked_unsupported
 from vlsi.model.backbone import Backbone, parse_layers, target_layers
@@ -77,7 +77,7 @@ class VerbalizeSettings(VerbalizedLossArgs):
 
 
 @dataclass(kw_only=True)
-class VerbalizeConfig(VerbalizeSettings):
+class VerbalizeConfig(VerbalizeSettings, ImageSize):
     model: str = field(metadata={"help": "checkpoint path or hub id of the (frozen) backbone"})
     data: str = field(metadata={"help": "LLaVA-format JSON/JSONL training file"})
     out: str = field(metadata={"help": "output directory: verbalizers, metrics.json, verbalized_depth.png"})
@@ -241,9 +241,10 @@ def _frozen_model(cfg: VerbalizeConfig, accelerator, model: nn.Module | None) ->
 def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> dict:
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
-    chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
     accelerator = make_accelerator(cfg.precision, cfg.seed)
-    processor = VLProcessor.from_pretrained(cfg.model)
+    cfg = cfg.on_device(accelerator.device)
+    chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
+    processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = _frozen_model(cfg, accelerator, model)
     backbone = Backbone(model)
     layers = resolve_layers(cfg, backbone.num_layers)
