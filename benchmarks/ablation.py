@@ -79,6 +79,8 @@ BASE_STAGES = (
     "student_sft",
     "eval/teacher",
     "eval/student_base",
+    "eval_val/teacher",
+    "eval_val/student_base",
 )
 
 
@@ -105,6 +107,8 @@ def run_variant(root: Path, seed: int, name: str, overrides: dict, extra: list[s
         "step1_student_verbalizers",
         "eval/teacher",
         "eval/student_base",
+        "eval_val/teacher",
+        "eval_val/student_base",
     ):
         _link(root / shared, vdir / shared)
     config = {
@@ -113,6 +117,8 @@ def run_variant(root: Path, seed: int, name: str, overrides: dict, extra: list[s
         "student": str(root / "student_sft"),
         "train_data": str(root / "data" / "train.json"),
         "test_data": str(root / "data" / "test.json"),
+        "val_data": str(root / "data" / "val.json"),
+        "score": TINY_PRESET["score"],
         "seed": seed,
         "verbalize": TINY_PRESET["verbalize"],
         "interact": {**TINY_PRESET["interact"], **overrides},
