@@ -32,7 +32,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vlsi.data.processing import VLProcessor, check_pair
-from vlsi.data.records import ChatDataset, Encoder
+from vlsi.data.records import ChatDataset, Encoder, refuse_unanswered
 from vlsi.losses.chunked import (
     LABELS,
     Term,
@@ -51,6 +51,7 @@ from vlsi.model.export import export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
+from vlsi.train import on_policy
 from vlsi.train.engines import prepare_frozen, whole_load
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
@@ -112,6 +113,17 @@ class InteractSettings(VerbalizedLossArgs):
     ar_weight: float = field(
         default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of batches whose responses the current student generates, then both models "
+            "score teacher-forced (GKD's lambda; 0 = the dataset's responses, the paper's step 2)"
+        },
+    )
+    gen_temperature: float = field(
+        default=0.0, metadata={"help": "sampling temperature of the on-policy responses (0 = greedy)"}
+    )
+    gen_max_new_tokens: int = field(default=32, metadata={"help": "token budget of an on-policy response"})
     teacher_cache: str = field(
         default="",
         metadata={
@@ -136,6 +148,11 @@ class InteractSettings(VerbalizedLossArgs):
         chunk_tokens(self.loss_impl, self.loss_chunk_tokens)
         if self.teacher_cache and self.loss_impl != "chunked":
             raise ValueError("--teacher-cache works with --loss-impl chunked only")
+        on_policy.validate(self.lmbda, self.gen_temperature, self.gen_max_new_tokens)
+        if self.teacher_cache and self.lmbda > 0:
+            raise ValueError(
+                "--teacher-cache holds the teacher on the dataset's responses; --lmbda needs it live"
+            )
 
 
 @dataclass(kw_only=True)
@@ -542,6 +559,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
     processor = VLProcessor.from_pretrained(cfg.student)
     student = _interacting_student(cfg, accelerator)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    if cfg.lmbda < 1:  # some batches are the dataset's responses
+        refuse_unanswered(cfg.data, dataset.records, f"vlsi interact with --lmbda {cfg.lmbda} (< 1)")
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
@@ -554,9 +573,18 @@ def train_interaction(cfg: InteractConfig) -> dict:
         teacher_read, teacher_layers = None, cache.layers
     student_layers = student.verbalizers.layers
     matches = MatchRecord(accelerator, cfg, student_layers, teacher_layers, run.total)
-    state = resume(run, logs=[matches.file], teacher_layers=teacher_layers, student_layers=student_layers)
+    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl")
+    state = resume(
+        run,
+        # Without on-policy batches their options change nothing, and earlier checkpoints lack them.
+        ignore=on_policy.OPTIONS if cfg.lmbda == 0 else (),
+        logs=[matches.file, batches.file],
+        teacher_layers=teacher_layers,
+        student_layers=student_layers,
+    )
     if state is not None:
         matches.load(state)
+        batches.load(state)
 
     def micro_loss(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         cached = batch.pop("teacher", None)  # a cached teacher's distributions
@@ -581,9 +609,9 @@ def train_interaction(cfg: InteractConfig) -> dict:
         entry=entry,
         row=_mean_parts,
         pad_id=processor.pad_token_id,
-        fetch=next_batch if cache is None else cache.next_batch,
+        fetch=batches if cfg.lmbda > 0 else next_batch if cache is None else cache.next_batch,
         after_step=matches.step_done,
-        saved=matches.state,
+        saved=lambda: matches.state() | (batches.state() if cfg.lmbda > 0 else {}),
     )
 
     totals = matches.totals()
@@ -595,6 +623,9 @@ def train_interaction(cfg: InteractConfig) -> dict:
         final_loss_parts={k: final[k] for k in PARTS} if final else None,
         tokens_seen=run.tokens_seen,
     )
+    if cfg.lmbda > 0:
+        result["on_policy"] = batches.summary(result["seconds"])
+        log.info("on-policy: %s", result["on_policy"])
     with whole_trained(run) as trained:
         if accelerator.is_main_process:
             trained.verbalizers.save(run.out / "verbalizers", base_model_info(trained.backbone))
