@@ -150,6 +150,37 @@ def test_interact_two_processes_equal_one_process(tmp_path, tiny_models, verbali
         assert_same_step(two, one)
 
 
+def test_on_policy_interact_two_processes_equal_one_process(tmp_path, tiny_models, verbalizers, synth_data):
+    """--lmbda 1: each process generates its records' answers with its own (unwrapped) copy of the student;
+    the step is that of one process generating them all."""
+
+    def args(out, layout):
+        return [
+            "interact",
+            *("--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers", str(verbalizers["teacher"])),
+            *("--student", str(tiny_models["student"]), "--student-verbalizers", str(verbalizers["student"])),
+            *("--data", str(synth_data / "train.json"), "--out", str(out)),
+            *("--strategy", "uniform", "--lr", "1e-3", "--log-every", "1"),
+            *("--lmbda", "1", "--gen-max-new-tokens", "4"),
+            *layout.split(),
+        ]
+
+    out = tmp_path / "2x2"
+    launch_two_processes(
+        [*args(out, "--batch-size 2"), "--max-steps", "2", "--save-every", "1"], tmp_path / "2x2.pt"
+    )
+    assert_finished(out, steps=2)
+    two = torch.load(tmp_path / "2x2.pt")
+    two_row, _ = [json.loads(line) for line in (out / "on_policy.jsonl").read_text().splitlines()]
+    one = run_in_process([*args(tmp_path / "1x4", "--batch-size 4"), "--max-steps", "1"], tmp_path / "1x4.pt")
+    (one_row,) = [
+        json.loads(line) for line in (tmp_path / "1x4" / "on_policy.jsonl").read_text().splitlines()
+    ]
+    # The main process logs its own half: the first two records of the one-process batch, the same answers.
+    assert two_row["records"] == one_row["records"][:2] and two_row["responses"] == one_row["responses"][:2]
+    assert_same_step(two, one)
+
+
 def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     tmp_path, tiny_models, verbalizers, synth_data
 ):

@@ -551,6 +551,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    on_policy.check_engine(accelerator, cfg.lmbda)
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None

@@ -122,17 +122,23 @@ def answered_item(prompt: dict, answer: list[int]) -> dict:
     return item
 
 
-@contextlib.contextmanager
-def generating(accelerator, module: torch.nn.Module):
-    """The trained HF model, whole and in eval mode (no dropout; gradient checkpointing, which would turn the
-    KV cache off, is inactive), restored to training mode after. Single process and DDP: the unwrapped
-    module. FSDP2 and ZeRO-3 shard the student's parameters; generating there would need them gathered on
-    every process for a generation whose length differs per process, which is not implemented: refused."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+def check_engine(accelerator, lmbda: float) -> None:
+    """Refuses, before any training, on-policy batches under an engine :func:`generating` does not serve.
+
+    FSDP2 and ZeRO-3 shard the student's parameters; generating there needs them gathered on every process
+    for a generation whose length differs per process, which is not implemented yet."""
+    if lmbda > 0 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(
             "--lmbda > 0 (on-policy batches) is implemented for one process and DDP only, not under "
             f"{accelerator.distributed_type.value}"
         )
+
+
+@contextlib.contextmanager
+def generating(accelerator, module: torch.nn.Module):
+    """The trained HF model in eval mode (no dropout; gradient checkpointing, which would turn the KV cache
+    off, is inactive), restored to training mode after: on one process and under DDP the unwrapped module,
+    whose forward needs no collective (:func:`check_engine`)."""
     model = accelerator.unwrap_model(module).student
     was_training = model.training
     model.eval()
