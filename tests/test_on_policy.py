@@ -154,3 +154,49 @@ def test_unanswered_records_train_on_policy_and_are_refused_where_answers_are_ne
     err = capsys.readouterr().err
     assert str(data) in err and "has no answer" in err and "--lmbda 0.5" in err
     assert not refused.exists() or not (refused / "model.safetensors").exists()
+
+
+@pytest.mark.slow  # the teacher answers every turn of every record, twice, then a training run
+def test_teacher_responses_are_cached_beside_the_records_and_rebuilt_when_stale(
+    tmp_path, tiny_models, verbalizers, synth_data
+):
+    from vlsi.run.evaluate import EvalConfig, evaluate
+    from vlsi.train.teacher_responses import responses_path, teacher_responses
+
+    data, questions = _unanswered(synth_data, tmp_path)
+    teacher = str(tiny_models["teacher"])
+    path = teacher_responses(teacher, data, max_new_tokens=4)
+    assert path == responses_path(data) and path.parent == data.parent
+    answered = json.loads(path.read_text())
+    assert len(answered) == len(questions)
+    for before, after in zip(questions, answered, strict=True):
+        # The questions kept, the missing answer added: the teacher's, as every earlier answer now is.
+        assert after["conversations"][:-1][0::2] == before["conversations"][0::2]
+        assert [t["from"] for t in after["conversations"]] == ["human", "gpt"] * (
+            len(before["conversations"]) // 2 + 1
+        )
+        assert all("to be answered" not in t["value"] for t in after["conversations"])
+    # The teacher, asked each last question after its own earlier answers, gives exactly those answers.
+    metrics = evaluate(EvalConfig(model=teacher, data=str(path), max_new_tokens=4), progress=False)
+    assert metrics["n"] == len(questions) and metrics["accuracy"] == 1.0
+
+    written = path.stat().st_mtime_ns
+    assert teacher_responses(teacher, data, max_new_tokens=4) == path
+    assert path.stat().st_mtime_ns == written  # up to date: reused
+    teacher_responses(teacher, data, max_new_tokens=3)
+    assert path.stat().st_mtime_ns != written  # other generation settings: rebuilt
+    written = path.stat().st_mtime_ns
+    questions[0]["conversations"][-1]["value"] += " Answer in one word."
+    data.write_text(json.dumps(questions))
+    teacher_responses(teacher, data, max_new_tokens=3)
+    assert path.stat().st_mtime_ns != written  # another data file: rebuilt
+    assert "one word" in json.loads(path.read_text())[0]["conversations"][-2]["value"]
+    written = path.stat().st_mtime_ns
+
+    # Step 2 then runs off-policy on the questions alone, the teacher's answers as the responses.
+    out = tmp_path / "seq_kd"
+    options = "--max-steps 1 --responses teacher --gen-max-new-tokens 3"
+    assert main(_interact(tiny_models, verbalizers, data, out, options)) == 0
+    assert path.stat().st_mtime_ns == written  # the same teacher, data and settings: reused
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["skipped"] == 0 and "on_policy" not in summary

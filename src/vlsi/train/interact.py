@@ -56,6 +56,12 @@ from vlsi.train.engines import prepare_frozen, whole_load
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
+from vlsi.train.teacher_responses import (
+    RESPONSE_SOURCES,
+    file_sha256,
+    responses_path,
+    teacher_responses,
+)
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
 log = logging.getLogger("vlsi.train.interact")
@@ -123,7 +129,16 @@ class InteractSettings(VerbalizedLossArgs):
     gen_temperature: float = field(
         default=0.0, metadata={"help": "sampling temperature of the on-policy responses (0 = greedy)"}
     )
-    gen_max_new_tokens: int = field(default=32, metadata={"help": "token budget of an on-policy response"})
+    gen_max_new_tokens: int = field(
+        default=32, metadata={"help": "token budget of an on-policy (or --responses teacher) response"}
+    )
+    responses: str = field(
+        default="data",
+        metadata={
+            "help": "the responses of the off-policy batches: data (the dataset's) | teacher (the teacher's "
+            "greedy answers, sequence-level KD; written once beside the data, rebuilt when stale)"
+        },
+    )
     teacher_cache: str = field(
         default="",
         metadata={
@@ -149,6 +164,12 @@ class InteractSettings(VerbalizedLossArgs):
         if self.teacher_cache and self.loss_impl != "chunked":
             raise ValueError("--teacher-cache works with --loss-impl chunked only")
         on_policy.validate(self.lmbda, self.gen_temperature, self.gen_max_new_tokens)
+        if self.responses not in RESPONSE_SOURCES:
+            raise ValueError(f"--responses {self.responses!r} is not one of {', '.join(RESPONSE_SOURCES)}")
+        if self.teacher_cache and self.responses != "data":
+            raise ValueError(
+                "--teacher-cache holds the teacher on the dataset's responses; not --responses teacher"
+            )
         if self.teacher_cache and self.lmbda > 0:
             raise ValueError(
                 "--teacher-cache holds the teacher on the dataset's responses; --lmbda needs it live"
@@ -542,6 +563,25 @@ class MatchRecord:
             plot_matches(totals[key], self.teacher_layers, self.student_layers, title, path)
 
 
+def _off_policy_data(cfg: InteractConfig, accelerator) -> tuple[str, dict]:
+    """The file the off-policy batches read, and what a resume must find unchanged about it: ``cfg.data``
+    itself, or with ``--responses teacher`` its records answered by the teacher (written by the main process
+    when missing or stale). Not built when every batch is on-policy."""
+    if cfg.responses == "data" or cfg.lmbda == 1:
+        return cfg.data, {}
+    if accelerator.is_main_process:
+        teacher_responses(
+            cfg.teacher,
+            cfg.data,
+            cfg.image_root,
+            max_new_tokens=cfg.gen_max_new_tokens,
+            max_length=cfg.max_length,
+        )
+    accelerator.wait_for_everyone()
+    path = responses_path(cfg.data)
+    return str(path), {"teacher_responses": file_sha256(path)}
+
+
 def _mean_parts(recent: list[dict]) -> dict:
     return {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
 
@@ -559,9 +599,10 @@ def train_interaction(cfg: InteractConfig) -> dict:
         check_pair(cfg.teacher, cfg.student)
     processor = VLProcessor.from_pretrained(cfg.student)
     student = _interacting_student(cfg, accelerator)
-    dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    data, responses = _off_policy_data(cfg, accelerator)
+    dataset = ChatDataset(data, Encoder(processor, cfg.max_length), cfg.image_root)
     if cfg.lmbda < 1:  # some batches are the dataset's responses
-        refuse_unanswered(cfg.data, dataset.records, f"vlsi interact with --lmbda {cfg.lmbda} (< 1)")
+        refuse_unanswered(data, dataset.records, f"vlsi interact with --lmbda {cfg.lmbda} (< 1)")
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
@@ -582,6 +623,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         logs=[matches.file, batches.file],
         teacher_layers=teacher_layers,
         student_layers=student_layers,
+        **responses,
     )
     if state is not None:
         matches.load(state)
