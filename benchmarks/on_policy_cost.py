@@ -1,18 +1,20 @@
-"""The cost of an on-policy step 2 step (``--lmbda 1``: the student generates, then both models score its
-answer teacher-forced) relative to the paper's off-policy step (``--lmbda 0``), on the built-in tiny pair.
+"""The cost of an on-policy step-2 step (the student generates its answers, then both models score them
+teacher-forced) relative to the paper's off-policy step (the dataset's answers), on the built-in tiny pair.
 
     PYTHONPATH=src python benchmarks/on_policy_cost.py --out bench_on_policy.json     # CPU, a few minutes
 
-What runs: the tiny teacher and student (``vlsi tiny``, random weights, untrained verbalizers), the digits task
-(``vlsi digits``), step 2 on single-turn records. The student is first fine-tuned for ``--sft-steps`` on the
-digits answers so that it answers
-in their format and ends its turn, as a step-2 student (a trained base) does; an untrained one would always run
-to the token budget. Then ``vlsi interact`` at P = 0 and P = 1, the same seed, steps and batches, alternated
-``--repeats`` times (the machine may be shared; the fastest of each is reported). A step's time is the run's
-training seconds (``train_summary.json``: data, generation, forward, backward, update; not loading) over
-its steps, after one unmeasured warm-up run of each. The generation share is the on-policy run's own
-measurement (``on_policy.generation_share``). Response lengths are the trained tokens per record less the
-prompts', which both runs share.
+What runs: the tiny teacher and student (``vlsi tiny``, random weights, untrained verbalizers) and the digits
+task (``vlsi digits``). The student is first fine-tuned for ``--sft-steps`` on the digits answers, so that it
+answers in their format and ends its turn as a trained base does (an untrained one always runs to the token
+budget). Step 2 then runs on single-turn records (the test split's, one question each: on a multi-turn record
+an off-policy batch labels every answer, an on-policy one only the last).
+
+How it is timed: one ``vlsi interact --lmbda 0.5`` run, so that on- and off-policy steps alternate at random
+in one process and share whatever else the machine is doing. Each step's time is the interval between
+consecutive optimizer steps (fetching the batch, generating where on-policy, forward, backward, update); the
+steps are told apart by ``on_policy.jsonl``. Reported: the median step of each kind and their ratio, the
+first step left out (warm-up), for each of ``--repeats`` runs; and the generation seconds over the on-policy
+steps' time.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def _setup(root: Path, args) -> dict:
     return paths
 
 
-def _interact(paths: dict, out: Path, lmbda: float, args) -> dict:
+def _timed_interact(paths: dict, out: Path, args) -> tuple[dict, list[float]]:
+    """One step-2 run at ``--lmbda``; its summary and the seconds of each step."""
+    import time
+
+    import vlsi.train.training as training
     from vlsi.train.interact import InteractConfig, train_interaction
 
     cfg = InteractConfig(
@@ -72,11 +78,32 @@ def _interact(paths: dict, out: Path, lmbda: float, args) -> dict:
         max_steps=args.steps,
         batch_size=args.batch_size,
         lr=1e-4,
-        lmbda=lmbda,
+        lmbda=args.lmbda,
         gen_max_new_tokens=args.gen_max_new_tokens,
         resume=False,
     )
-    return train_interaction(cfg)
+    stamps, original = [], training.optimizer_step
+
+    def stamped(*a, **k):
+        result = original(*a, **k)
+        stamps.append(time.perf_counter())
+        return result
+
+    training.optimizer_step = stamped
+    try:
+        started = time.perf_counter()
+        summary = train_interaction(cfg)
+    finally:
+        training.optimizer_step = original
+    # The first interval also holds the run's setup after `started`; it is the warm-up step, left out below.
+    times = [b - a for a, b in zip([started, *stamps], stamps, strict=False)]
+    return summary, times
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> None:
@@ -84,43 +111,47 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--lmbda", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gen-max-new-tokens", type=int, default=32)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--records", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = _setup(root, args)
-        for lmbda in (0.0, 1.0):  # warm-up
-            _interact(paths, root / f"warm_{lmbda}", lmbda, argparse.Namespace(**{**vars(args), "steps": 2}))
-        runs = {0.0: [], 1.0: []}
         for r in range(args.repeats):
-            for lmbda in (0.0, 1.0):
-                runs[lmbda].append(_interact(paths, root / f"run_{lmbda}_{r}", lmbda, args))
-        on_policy = root / f"run_1.0_{args.repeats - 1}" / "on_policy.jsonl"
-        sample = [json.loads(line)["responses"][:3] for line in on_policy.read_text().splitlines()[-1:]]
-    off = min(s["seconds"] for s in runs[0.0]) / args.steps
-    on = min(s["seconds"] for s in runs[1.0]) / args.steps
-    records = args.steps * args.batch_size
-    result = {
-        "settings": vars(args),
-        "off_policy_step_s": round(off, 4),
-        "on_policy_step_s": round(on, 4),
-        "ratio": round(on / off, 3),
-        "generation_share": [s["on_policy"]["generation_share"] for s in runs[1.0]],
-        "tokens_per_record": {
-            "off_policy": runs[0.0][0]["tokens_seen"] / records,
-            "on_policy": runs[1.0][0]["tokens_seen"] / records,
-        },
-        "step_seconds_each": {
-            str(k): [round(s["seconds"] / args.steps, 4) for s in v] for k, v in runs.items()
-        },
-        "sample_responses": sample,
-    }
+            out = root / f"run_{r}"
+            summary, times = _timed_interact(paths, out, args)
+            rows = [json.loads(line) for line in (out / "on_policy.jsonl").read_text().splitlines()]
+            generated = {row["step"] for row in rows}
+            on = [t for step, t in enumerate(times, 1) if step > 1 and step in generated]
+            off = [t for step, t in enumerate(times, 1) if step > 1 and step not in generated]
+            runs.append(
+                {
+                    "on_policy_steps": len(on),
+                    "off_policy_steps": len(off),
+                    "on_policy_step_s": round(_median(on), 4),
+                    "off_policy_step_s": round(_median(off), 4),
+                    "ratio": round(_median(on) / _median(off), 3),
+                    "generation_share_of_on_policy_steps": round(
+                        summary["on_policy"]["generation_seconds"]
+                        / sum(t for step, t in enumerate(times, 1) if step in generated),
+                        3,
+                    ),
+                    "answer_chars_mean": round(
+                        sum(len(a) for row in rows for a in row["responses"])
+                        / max(1, sum(len(row["responses"]) for row in rows)),
+                        2,
+                    ),
+                    "sample_responses": rows[-1]["responses"][:4],
+                }
+            )
+    result = {"settings": vars(args), "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
