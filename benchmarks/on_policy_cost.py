@@ -4,9 +4,9 @@ teacher-forced) relative to the paper's off-policy step (the dataset's answers),
     PYTHONPATH=src python benchmarks/on_policy_cost.py --out bench_on_policy.json     # CPU, a few minutes
 
 What runs: the tiny teacher and student (``vlsi tiny``, random weights, untrained verbalizers) and the digits
-task (``vlsi digits``). The student is first fine-tuned for ``--sft-steps`` on the digits answers, so that it
-answers in their format and ends its turn as a trained base does (an untrained one always runs to the token
-budget). Step 2 then runs on single-turn records (the test split's, one question each: on a multi-turn record
+task (``vlsi digits``). Both are first fine-tuned for ``--sft-steps`` on the digits answers, so that they
+answer in their format and end their turn as trained bases do (an untrained student always runs to the token
+budget, and one pulled toward an untrained teacher soon does). Step 2 then runs on single-turn records (the test split's, one question each: on a multi-turn record
 an off-policy batch labels every answer, an on-policy one only the last).
 
 How it is timed: one ``vlsi interact --lmbda 0.5`` run, so that on- and off-policy steps alternate at random
@@ -45,13 +45,14 @@ def _setup(root: Path, args) -> dict:
     # off-policy batch labels every answer, an on-policy one only the last, and the steps would not compare.
     generate(DigitsConfig(out=str(root / "digits"), train=args.records, test=args.records // 3, seed=0))
     models = build_tiny(TinyConfig(out=str(root / "tiny")))
-    student = root / "student"
     train = str(root / "digits" / "train.json")
-    sft = SFTConfig(
-        model=str(models["student"]), data=train, out=str(student), max_steps=args.sft_steps, lr=1e-3
-    )
-    train_sft(sft)
-    paths = {"teacher": models["teacher"], "student": student, "data": root / "digits" / "test.json"}
+    paths = {"data": root / "digits" / "test.json"}
+    for name in ("teacher", "student"):
+        paths[name] = root / name
+        sft = SFTConfig(
+            model=str(models[name]), data=train, out=str(paths[name]), max_steps=args.sft_steps, lr=1e-3
+        )
+        train_sft(sft)
     for name in ("teacher", "student"):
         backbone = Backbone(load_model(paths[name], dtype=torch.float32))
         layers = list(range(backbone.num_layers - 1))

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
 PROBE = Path(__file__).with_name("grad_probe.py")
 SHARD_PROBE = Path(__file__).with_name("shard_probe.py")
+GENERATION_PROBE = Path(__file__).with_name("generation_probe.py")
 # CPU only (gloo), one thread per process: two processes share the CI machine's two cores.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
 
@@ -198,3 +199,18 @@ def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     assert (
         got["export_diff"] == 0.0 and got["sharded_after_export"]
     )  # engines.whole_weights, as exports use it
+
+
+def test_on_policy_answers_of_a_student_sharded_over_two_processes(tmp_path, tiny_models, synth_data):
+    """FSDP2: the generation copy, synced from the sharded student, answers as the whole student does, each
+    process its own prompts and number of tokens, with no collective during generation."""
+    prefix = tmp_path / "generation"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(GENERATION_PROBE), str(tiny_models["student"])]
+    cmd += [str(synth_data / "train.json"), str(prefix)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    for rank, prompts in ((0, 1), (1, 3)):
+        got = json.loads(Path(f"{prefix}.{rank}.json").read_text())
+        assert got["answers_equal"] and len(got["answers"]) == prompts
+        assert got["copy_diff"] == 0.0 and got["still_sharded"]

@@ -497,6 +497,18 @@ def _interacting_student(cfg: InteractConfig, accelerator) -> InteractingStudent
     return InteractingStudent(student, verbalizers, cfg)
 
 
+def _generation_copy(cfg: InteractConfig, accelerator) -> on_policy.GenerationCopy:
+    """Under FSDP2 / ZeRO-3: a whole copy of the student, built as the trained one is (LoRA adapters too, so
+    the state dicts match), that generates the on-policy answers (:class:`vlsi.train.on_policy.GenerationCopy`)."""
+    dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
+    with whole_load(accelerator):
+        model = load_model(cfg.student, dtype=dtype)
+    if cfg.lora:
+        with torch.random.fork_rng(devices=[]):  # apply_lora seeds; the run's RNG stays as it was
+            model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    return on_policy.GenerationCopy(model.to(accelerator.device))
+
+
 class MatchRecord:
     """Every match of a run: the seeded generator that samples them (one per process), one line per step in
     ``match_log.jsonl`` (main process), and how often each student layer took each teacher layer in the
@@ -591,7 +603,6 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
-    on_policy.check_engine(accelerator, cfg.lmbda)
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
@@ -615,7 +626,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
         teacher_read, teacher_layers = None, cache.layers
     student_layers = student.verbalizers.layers
     matches = MatchRecord(accelerator, cfg, student_layers, teacher_layers, run.total)
-    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl")
+    copy = _generation_copy(cfg, accelerator) if cfg.lmbda > 0 and on_policy.sharded(accelerator) else None
+    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl", copy)
     state = resume(
         run,
         # Without on-policy batches their options change nothing, and earlier checkpoints lack them.

@@ -29,6 +29,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from vlsi.data.records import IGNORE_INDEX, BatchStream, ChatDataset, RecordError, collate, record_name
+from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import Batch, append_jsonl, next_batch
 
 log = logging.getLogger("vlsi.train.on_policy")
@@ -122,24 +123,48 @@ def answered_item(prompt: dict, answer: list[int]) -> dict:
     return item
 
 
-def check_engine(accelerator, lmbda: float) -> None:
-    """Refuses, before any training, on-policy batches under an engine :func:`generating` does not serve.
+def sharded(accelerator) -> bool:
+    """Whether the run's engine shards the student's parameters (FSDP2, DeepSpeed ZeRO-3): generation then
+    runs on a :class:`GenerationCopy`."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
-    FSDP2 and ZeRO-3 shard the student's parameters; generating there needs them gathered on every process
-    for a generation whose length differs per process, which is not implemented yet."""
-    if lmbda > 0 and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            "--lmbda > 0 (on-policy batches) is implemented for one process and DDP only, not under "
-            f"{accelerator.distributed_type.value}"
-        )
+
+class GenerationCopy:
+    """A whole, plain copy of the student that generates where the trained one is sharded (FSDP2, ZeRO-3).
+
+    Generating with the sharded student itself would gather each layer's parameters at every forward, a
+    collective, while each process's answers end after a different number of tokens. Instead the trained
+    weights are gathered once per optimizer step, through the engine's own context
+    (:func:`vlsi.train.engines.whole_weights`: ``full_tensor`` per FSDP2 parameter, ZeRO-3's
+    ``GatheredParameters``), into this copy, which then generates alone on each process. It costs one more
+    whole student per process, held in the teacher's precision.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval().requires_grad_(False)
+        self.step: int | None = None
+
+    def sync(self, accelerator, module: torch.nn.Module, step: int) -> None:
+        """The trained student's current weights into the copy; once per ``step``. A collective: every process
+        calls it for the same steps (the on-policy draws are the same on all of them)."""
+        if self.step == step:
+            return
+        with whole_weights(accelerator, module):
+            trained = accelerator.unwrap_model(module).student.state_dict()
+            self.model.load_state_dict(trained)  # copies (and casts) into the copy's own tensors
+        self.step = step
 
 
 @contextlib.contextmanager
-def generating(accelerator, module: torch.nn.Module):
-    """The trained HF model in eval mode (no dropout; gradient checkpointing, which would turn the KV cache
-    off, is inactive), restored to training mode after: on one process and under DDP the unwrapped module,
-    whose forward needs no collective (:func:`check_engine`)."""
-    model = accelerator.unwrap_model(module).student
+def generating(accelerator, module: torch.nn.Module, copy: GenerationCopy | None = None, step: int = 0):
+    """The model that generates, in eval mode (no dropout; gradient checkpointing, which would turn the KV cache
+    off, is inactive) and restored to training mode after: on one process and under DDP the trained student,
+    unwrapped (its forward needs no collective); under FSDP2 / ZeRO-3 ``copy``, synced first."""
+    if copy is not None:
+        copy.sync(accelerator, module, step)
+        model = copy.model
+    else:
+        model = accelerator.unwrap_model(module).student
     was_training = model.training
     model.eval()
     try:
@@ -158,8 +183,8 @@ class OnPolicyBatches:
     generating is kept for the summary.
     """
 
-    def __init__(self, run, cfg, processor, log_file):
-        self.run, self.cfg, self.processor, self.file = run, cfg, processor, log_file
+    def __init__(self, run, cfg, processor, log_file, copy: GenerationCopy | None = None):
+        self.run, self.cfg, self.processor, self.file, self.copy = run, cfg, processor, log_file, copy
         self.lmbda = cfg.lmbda
         # The same on every process: they all draw the same on-policy micro-batches.
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000003 + STREAM_OFFSET)
@@ -194,7 +219,8 @@ class OnPolicyBatches:
             raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
         started = time.perf_counter()
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), generating(accelerator, self.run.module) as model:
+        generator = generating(accelerator, self.run.module, self.copy, self.run.step)
+        with torch.random.fork_rng(devices=devices), generator as model:
             # Each process its own stream of samples; the seed's generator restores them on resume.
             torch.manual_seed(seed + accelerator.process_index)
             answers = generate_tokens(
