@@ -107,8 +107,8 @@ def refuse_unanswered(path: str | Path, records: list, why: str) -> None:
         if unanswered(record):
             raise DataFileError(
                 f"{path}: {record_name(record, index)} has no answer (its last turn is the user's), but {why} "
-                "trains on the dataset's answers; give it records with answers, or let the student write "
-                "them (vlsi interact --lmbda 1)"
+                "trains on the dataset's answers; give it records with answers, or let a model write them "
+                "(vlsi interact --lmbda 1, or --responses teacher)"
             )
 
 

@@ -630,8 +630,11 @@ def train_interaction(cfg: InteractConfig) -> dict:
     batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl", copy)
     state = resume(
         run,
-        # Without on-policy batches their options change nothing, and earlier checkpoints lack them.
-        ignore=on_policy.OPTIONS if cfg.lmbda == 0 else (),
+        # Options at values that change nothing are left out: checkpoints written before they existed resume.
+        ignore=(
+            *(on_policy.OPTIONS if cfg.lmbda == 0 else ()),
+            *(("responses",) if cfg.responses == "data" else ()),
+        ),
         logs=[matches.file, batches.file],
         teacher_layers=teacher_layers,
         student_layers=student_layers,

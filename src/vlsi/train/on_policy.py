@@ -17,12 +17,13 @@ and Algorithm 1 and the divergences apply unchanged (:mod:`vlsi.train.interact`)
 - A multi-turn record gets its *last* assistant turn generated, the earlier turns kept as in the data; only
   the generated turn is labelled. A record without an answer (its last turn the user's) is answered the same
   way, so ``lmbda`` 1 needs no answers at all.
+- On one process and under DDP the trained student generates; under FSDP2 / ZeRO-3, a whole copy of it synced
+  once per optimizer step (:class:`GenerationCopy`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 
 import torch
@@ -31,8 +32,6 @@ from accelerate.utils import DistributedType
 from vlsi.data.records import IGNORE_INDEX, BatchStream, ChatDataset, RecordError, collate, record_name
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import Batch, append_jsonl, next_batch
-
-log = logging.getLogger("vlsi.train.on_policy")
 
 # Added to seed * 1000003 for the draws' generator: far from the match generators' seed * 1000003 + rank.
 STREAM_OFFSET = 7_777_777
