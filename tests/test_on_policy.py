@@ -4,7 +4,9 @@ dataset's answers are trained on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -200,3 +202,28 @@ def test_teacher_responses_are_cached_beside_the_records_and_rebuilt_when_stale(
     assert path.stat().st_mtime_ns == written  # the same teacher, data and settings: reused
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 1 and summary["skipped"] == 0 and "on_policy" not in summary
+
+
+def test_the_on_policy_options_are_a_distill_yaml_section_and_validated(tmp_path):
+    import argparse
+
+    from vlsi.run.config import add_dataclass_arguments, build_config, read_config_file
+    from vlsi.run.distill import DistillConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text("interact: {lmbda: 0.5, gen_temperature: 0.7, responses: teacher}\n")
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, DistillConfig)
+    cfg = build_config(DistillConfig, parser.parse_args([]), read_config_file(config))
+    assert (cfg.interact.lmbda, cfg.interact.gen_temperature, cfg.interact.responses) == (0.5, 0.7, "teacher")
+    cfg.interact.validate()
+    for field, value, message in (
+        ("lmbda", 1.5, "in [0, 1]"),
+        ("gen_temperature", -1.0, ">= 0"),
+        ("gen_max_new_tokens", 0, ">= 1"),
+        ("responses", "student", "not one of data, teacher"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dataclasses.replace(cfg.interact, **{field: value}).validate()
+    with pytest.raises(ValueError, match="--lmbda needs it live"):
+        dataclasses.replace(cfg.interact, teacher_cache="cache", responses="data").validate()
