@@ -227,3 +227,20 @@ def test_the_on_policy_options_are_a_distill_yaml_section_and_validated(tmp_path
             dataclasses.replace(cfg.interact, **{field: value}).validate()
     with pytest.raises(ValueError, match="--lmbda needs it live"):
         dataclasses.replace(cfg.interact, teacher_cache="cache", responses="data").validate()
+
+
+def test_the_checkpoints_generation_defaults_do_not_shape_the_answers(processor, tiny_models, synth_data):
+    from vlsi.run.evaluate import generate_answers
+    from vlsi.train.on_policy import generate_tokens
+
+    model = load_model(tiny_models["student"], dtype=torch.float32).eval()
+    records = load_records(synth_data / "train.json")[:3]
+    prompts = [Encoder(processor).encode_prompt(r, synth_data)[0] for r in records]
+    pad, eos = processor.pad_token_id, processor.tokenizer.eos_token_id
+    want = generate_tokens(model, prompts, pad, eos, 8, 0.0)
+    plain = generate_answers(model, processor, [dict(p) for p in prompts], 8)
+    # A released checkpoint's defaults (Qwen2-VL-Instruct ships a repetition penalty): generate follows them...
+    model.generation_config.repetition_penalty = 10.0
+    assert generate_answers(model, processor, [dict(p) for p in prompts], 8) != plain
+    # ...the on-policy answers do not: they are the student's own distribution.
+    assert generate_tokens(model, prompts, pad, eos, 8, 0.0) == want

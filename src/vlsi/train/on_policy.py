@@ -28,6 +28,7 @@ import time
 
 import torch
 from accelerate.utils import DistributedType
+from transformers import GenerationConfig
 
 from vlsi.data.records import IGNORE_INDEX, BatchStream, ChatDataset, RecordError, collate, record_name
 from vlsi.train.engines import whole_weights
@@ -47,6 +48,27 @@ _MEDIA_TOKEN_KEYS = (
     "vision_start_token_id",
     "vision_end_token_id",
 )
+
+
+# Every logits processor a checkpoint's generation config may turn on, set to leave the distribution as it is:
+# generate fills whatever a passed config leaves unset from the checkpoint's, and released ones set sampling
+# defaults and a repetition penalty (Qwen2-VL-Instruct: top_k 1, top_p 0.001, repetition_penalty 1.05), while
+# on-policy answers must come from the student's own distribution.
+NEUTRAL_GENERATION = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "top_k": 0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "diversity_penalty": 0.0,
+}
 
 
 def validate(lmbda: float, temperature: float, max_new_tokens: int) -> None:
@@ -89,22 +111,22 @@ def generate_tokens(
 ) -> list[list[int]]:
     """The model's answer to each prompt (encoded as :meth:`vlsi.data.records.Encoder.encode_prompt` does),
     generated as one left-padded batch with the KV cache: greedy at temperature 0, else sampled from the
-    whole distribution at that temperature (under the caller's RNG)."""
+    whole distribution at that temperature (under the caller's RNG), with no other processing of the logits
+    than the media tokens' suppression."""
     batch = collate([dict(p) for p in prompts], pad_id, padding_side="left")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    sampling = {"do_sample": False}
-    if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    out = model.generate(
-        **batch,
+    config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         suppress_tokens=media_token_ids(model) or None,
         use_cache=True,
-        **sampling,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        **NEUTRAL_GENERATION,
     )
+    out = model.generate(**batch, generation_config=config)
     eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     new = out[:, batch["input_ids"].shape[1] :].cpu()
     return [answer_tokens(row, eos, pad_id) for row in new]
