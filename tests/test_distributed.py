@@ -33,6 +33,9 @@ CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
 PROBE = Path(__file__).with_name("grad_probe.py")
 SHARD_PROBE = Path(__file__).with_name("shard_probe.py")
 EVAL_PROBE = Path(__file__).with_name("eval_probe.py")
+
+
+GENERATION_PROBE = Path(__file__).with_name("generation_probe.py")
 # CPU only (gloo), one thread per process: two processes share the CI machine's two cores.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
 
@@ -151,6 +154,37 @@ def test_interact_two_processes_equal_one_process(tmp_path, tiny_models, verbali
         assert_same_step(two, one)
 
 
+def test_on_policy_interact_two_processes_equal_one_process(tmp_path, tiny_models, verbalizers, synth_data):
+    """--lmbda 1: each process generates its records' answers with its own (unwrapped) copy of the student;
+    the step is that of one process generating them all."""
+
+    def args(out, layout):
+        return [
+            "interact",
+            *("--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers", str(verbalizers["teacher"])),
+            *("--student", str(tiny_models["student"]), "--student-verbalizers", str(verbalizers["student"])),
+            *("--data", str(synth_data / "train.json"), "--out", str(out)),
+            *("--strategy", "uniform", "--lr", "1e-3", "--log-every", "1"),
+            *("--lmbda", "1", "--gen-max-new-tokens", "4"),
+            *layout.split(),
+        ]
+
+    out = tmp_path / "2x2"
+    launch_two_processes(
+        [*args(out, "--batch-size 2"), "--max-steps", "2", "--save-every", "1"], tmp_path / "2x2.pt"
+    )
+    assert_finished(out, steps=2)
+    two = torch.load(tmp_path / "2x2.pt")
+    two_row, _ = [json.loads(line) for line in (out / "on_policy.jsonl").read_text().splitlines()]
+    one = run_in_process([*args(tmp_path / "1x4", "--batch-size 4"), "--max-steps", "1"], tmp_path / "1x4.pt")
+    (one_row,) = [
+        json.loads(line) for line in (tmp_path / "1x4" / "on_policy.jsonl").read_text().splitlines()
+    ]
+    # The main process logs its own half: the first two records of the one-process batch, the same answers.
+    assert two_row["records"] == one_row["records"][:2] and two_row["responses"] == one_row["responses"][:2]
+    assert_same_step(two, one)
+
+
 def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     tmp_path, tiny_models, verbalizers, synth_data
 ):
@@ -221,3 +255,18 @@ def test_sft_learning_curve_on_a_sharded_student_is_taken_by_every_process(tmp_p
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     # Scored against the unsharded student's own answers: the sharded one gives every one of them.
     assert json.loads(result.read_text())["accuracy"] == 1.0
+
+
+def test_on_policy_answers_of_a_student_sharded_over_two_processes(tmp_path, tiny_models, synth_data):
+    """FSDP2: the generation copy, synced from the sharded student, answers as the whole student does, each
+    process its own prompts and number of tokens, with no collective during generation."""
+    prefix = tmp_path / "generation"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(GENERATION_PROBE), str(tiny_models["student"])]
+    cmd += [str(synth_data / "train.json"), str(prefix)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    for rank, prompts in ((0, 1), (1, 3)):
+        got = json.loads(Path(f"{prefix}.{rank}.json").read_text())
+        assert got["answers_equal"] and len(got["answers"]) == prompts
+        assert got["copy_diff"] == 0.0 and got["still_sharded"]

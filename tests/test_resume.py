@@ -90,6 +90,31 @@ def test_sigkilled_interaction_resumes_to_the_uninterrupted_result(
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_sigkilled_on_policy_interaction_resumes_to_the_uninterrupted_result(
+    tmp_path, tiny_models, verbalizers, synth_data
+):
+    # Half the batches sampled by the student: the draws, the sampled tokens and the matches must all continue
+    # as they would have.
+    on_policy = ["--lmbda", "0.5", "--gen-temperature", "1.0", "--gen-max-new-tokens", "4"]
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    assert main([*_interact(tiny_models, verbalizers, synth_data, reference), *on_policy]) == 0
+    generated = [r["step"] for r in _rows(reference / "on_policy.jsonl")]
+    assert 0 < len(generated) < STEPS  # both kinds of batch, for this seed
+
+    args = [*_interact(tiny_models, verbalizers, synth_data, run), *on_policy]
+    died_after = _kill_after_first_checkpoint(args, run)
+    assert SAVE_EVERY <= died_after < STEPS and not is_exported(run)
+    assert main(args) == 0
+    assert _rows(run / "on_policy.jsonl") == _rows(reference / "on_policy.jsonl")
+    assert _rows(run / "train_log.jsonl") == _rows(reference / "train_log.jsonl")
+    assert _rows(run / "match_log.jsonl") == _rows(reference / "match_log.jsonl")
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["on_policy"]["batches"] == len(generated)
+    a, b = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in b)
+
+
 def _sft(model, data, out, options: str = "") -> list[str]:
     base = f"--max-steps 2 --batch-size 4 --save-every 1 {options}"
     return ["sft", "--model", str(model), "--data", str(data), "--out", str(out), *base.split()]

@@ -89,8 +89,35 @@ def image_paths(record: dict, base: Path) -> list[Path]:
     return [base / p for p in items]
 
 
-def to_messages(record: dict, num_images: int) -> list[dict]:
-    """LLaVA conversations -> chat messages with typed content parts; validates the structure."""
+def unanswered(record) -> bool:
+    """Whether the record asks for an answer it does not hold: its last turn is the user's (a question and
+    its images, say). Only a step whose responses a model writes can train on it."""
+    conv = record.get("conversations") if isinstance(record, dict) else None
+    return (
+        isinstance(conv, list)
+        and bool(conv)
+        and isinstance(conv[-1], dict)
+        and (ROLES.get(conv[-1].get("from")) == "user")
+    )
+
+
+def refuse_unanswered(path: str | Path, records: list, why: str) -> None:
+    """Raises :class:`DataFileError` naming the first record of ``path`` without an answer (:func:`unanswered`):
+    ``why`` says what needs the dataset's answers. Such a record is not merely bad, it is the wrong kind of
+    data for that step, so the run is refused rather than the record skipped."""
+    for index, record in enumerate(records):
+        if unanswered(record):
+            raise DataFileError(
+                f"{path}: {record_name(record, index)} has no answer (its last turn is the user's), but {why} "
+                "trains on the dataset's answers; give it records with answers, or let a model write them "
+                "(vlsi interact --lmbda 1, or --responses teacher)"
+            )
+
+
+def to_messages(record: dict, num_images: int, require_answer: bool = True) -> list[dict]:
+    """LLaVA conversations -> chat messages with typed content parts; validates the structure.
+
+    ``require_answer`` False also accepts a record whose last turn is the user's (:func:`unanswered`)."""
     if not isinstance(record, dict):
         raise RecordError("record is not a JSON object")
     conv = record.get("conversations")
@@ -104,9 +131,9 @@ def to_messages(record: dict, num_images: int) -> list[dict]:
         if role is None:
             raise RecordError(f"turn {i} has unknown speaker {turn.get('from')!r}", "unknown speaker")
         messages.append({"role": role, "text": turn["value"]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no assistant ('gpt') turn")
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and (require_answer or messages[-1]["role"] != "user"):
         raise RecordError("last turn is not an assistant ('gpt') turn")
     if any(not m["text"].strip() for m in messages if m["role"] == "assistant"):
         raise RecordError("empty assistant turn")
@@ -179,13 +206,17 @@ class Encoder:
         ]
         return {**self._token_fields(ids), "labels": torch.tensor(labels), **image_inputs}
 
-    def encode_prompt(self, record: dict, base: Path) -> tuple[dict, str]:
-        """The record up to its last assistant turn as a generation prompt, and that turn's text."""
+    def encode_prompt(self, record: dict, base: Path, require_answer: bool = True) -> tuple[dict, str | None]:
+        """The record up to its last assistant turn as a generation prompt, and that turn's text. With
+        ``require_answer`` False a record without an answer (:func:`unanswered`) is the whole prompt, its
+        answer None."""
         paths = image_paths(record, base)
-        messages = to_messages(record, len(paths))
-        answer = record["conversations"][-1]["value"]
+        messages = to_messages(record, len(paths), require_answer)
+        answered = messages[-1]["role"] == "assistant"
+        answer = record["conversations"][-1]["value"] if answered else None
         image_inputs, counts = self._images(paths)
-        prompt = self._expand(self.processor.render(messages[:-1], add_generation_prompt=True), counts)
+        asked = messages[:-1] if answered else messages
+        prompt = self._expand(self.processor.render(asked, add_generation_prompt=True), counts)
         ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_length:
             raise RecordError(f"too long: {len(ids)} tokens > max_length {self.max_length}", "too long")

@@ -34,7 +34,7 @@ from torch import nn
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder, collate_pairs
 from vlsi.data.processing import ImageSize, VLProcessor
-from vlsi.data.records import ChatDataset, Encoder, collate
+from vlsi.data.records import ChatDataset, Encoder, collate, refuse_unanswered
 from vlsi.losses.chunked import (
     LABELS,
     Term,
@@ -55,10 +55,17 @@ from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import check_pair, load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
+from vlsi.train import on_policy
 from vlsi.train.engines import prepare_frozen, whole_load
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
+from vlsi.train.teacher_responses import (
+    RESPONSE_SOURCES,
+    file_sha256,
+    responses_path,
+    teacher_responses,
+)
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
 log = logging.getLogger("vlsi.train.interact")
@@ -116,6 +123,26 @@ class InteractSettings(VerbalizedLossArgs):
     ar_weight: float = field(
         default=0.0, metadata={"help": "weight of the student's next-token CE (paper: off, it hurts)"}
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of batches whose responses the current student generates, then both models "
+            "score teacher-forced (GKD's lambda; 0 = the dataset's responses, the paper's step 2)"
+        },
+    )
+    gen_temperature: float = field(
+        default=0.0, metadata={"help": "sampling temperature of the on-policy responses (0 = greedy)"}
+    )
+    gen_max_new_tokens: int = field(
+        default=32, metadata={"help": "token budget of an on-policy (or --responses teacher) response"}
+    )
+    responses: str = field(
+        default="data",
+        metadata={
+            "help": "the responses of the off-policy batches: data (the dataset's) | teacher (the teacher's "
+            "greedy answers, sequence-level KD; written once beside the data, rebuilt when stale)"
+        },
+    )
     teacher_cache: str = field(
         default="",
         metadata={
@@ -140,6 +167,17 @@ class InteractSettings(VerbalizedLossArgs):
         chunk_tokens(self.loss_impl, self.loss_chunk_tokens)
         if self.teacher_cache and self.loss_impl != "chunked":
             raise ValueError("--teacher-cache works with --loss-impl chunked only")
+        on_policy.validate(self.lmbda, self.gen_temperature, self.gen_max_new_tokens)
+        if self.responses not in RESPONSE_SOURCES:
+            raise ValueError(f"--responses {self.responses!r} is not one of {', '.join(RESPONSE_SOURCES)}")
+        if self.teacher_cache and self.responses != "data":
+            raise ValueError(
+                "--teacher-cache holds the teacher on the dataset's responses; not --responses teacher"
+            )
+        if self.teacher_cache and self.lmbda > 0:
+            raise ValueError(
+                "--teacher-cache holds the teacher on the dataset's responses; --lmbda needs it live"
+            )
 
 
 @dataclass(kw_only=True)
@@ -472,6 +510,18 @@ def _interacting_student(cfg: InteractConfig, accelerator) -> InteractingStudent
     return InteractingStudent(student, verbalizers, cfg)
 
 
+def _generation_copy(cfg: InteractConfig, accelerator) -> on_policy.GenerationCopy:
+    """Under FSDP2 / ZeRO-3: a whole copy of the student, built as the trained one is (LoRA adapters too, so
+    the state dicts match), that generates the on-policy answers (:class:`vlsi.train.on_policy.GenerationCopy`)."""
+    dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
+    with whole_load(accelerator):
+        model = load_model(cfg.student, dtype=dtype)
+    if cfg.lora:
+        with torch.random.fork_rng(devices=[]):  # apply_lora seeds; the run's RNG stays as it was
+            model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    return on_policy.GenerationCopy(model.to(accelerator.device))
+
+
 class MatchRecord:
     """Every match of a run: the seeded generator that samples them (one per process), one line per step in
     ``match_log.jsonl`` (main process), and how often each student layer took each teacher layer in the
@@ -538,6 +588,25 @@ class MatchRecord:
             plot_matches(totals[key], self.teacher_layers, self.student_layers, title, path)
 
 
+def _off_policy_data(cfg: InteractConfig, accelerator) -> tuple[str, dict]:
+    """The file the off-policy batches read, and what a resume must find unchanged about it: ``cfg.data``
+    itself, or with ``--responses teacher`` its records answered by the teacher (written by the main process
+    when missing or stale). Not built when every batch is on-policy."""
+    if cfg.responses == "data" or cfg.lmbda == 1:
+        return cfg.data, {}
+    if accelerator.is_main_process:
+        teacher_responses(
+            cfg.teacher,
+            cfg.data,
+            cfg.image_root,
+            max_new_tokens=cfg.gen_max_new_tokens,
+            max_length=cfg.max_length,
+        )
+    accelerator.wait_for_everyone()
+    path = responses_path(cfg.data)
+    return str(path), {"teacher_responses": file_sha256(path)}
+
+
 def _mean_parts(recent: list[dict]) -> dict:
     return {k: sum(h[k] for h in recent) / len(recent) for k in recent[0]}
 
@@ -552,6 +621,12 @@ def train_interaction(cfg: InteractConfig) -> dict:
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
     pair = check_pair(cfg.teacher, cfg.student) if cache is None else None
+    if pair is not None and pair.cross_family and cfg.lmbda > 0:
+        raise ValueError(
+            f"--lmbda {cfg.lmbda}: on-policy batches need the teacher to read the student's own answers as its "
+            f"family renders them, which a cross-family pair ({pair.teacher_family} -> {pair.student_family}) "
+            "does not support yet; use --lmbda 0"
+        )
     # A same-family teacher reads the same inputs: the student's processor, image bounds included.
     processor = VLProcessor.from_pretrained(cfg.student, **cfg.pixel_bounds())
     student = _interacting_student(cfg, accelerator)
@@ -564,7 +639,10 @@ def train_interaction(cfg: InteractConfig) -> dict:
         encoder = PairEncoder(encoder, Encoder(teacher_processor, cfg.max_length))
         collate_fn = collate_pairs(teacher_processor.pad_token_id)
         student.vocab = pair.vocab
-    dataset = ChatDataset(cfg.data, encoder, cfg.image_root)
+    data, responses = _off_policy_data(cfg, accelerator)
+    dataset = ChatDataset(data, encoder, cfg.image_root)
+    if cfg.lmbda < 1:  # some batches are the dataset's responses
+        refuse_unanswered(data, dataset.records, f"vlsi interact with --lmbda {cfg.lmbda} (< 1)")
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
@@ -577,9 +655,23 @@ def train_interaction(cfg: InteractConfig) -> dict:
         teacher_read, teacher_layers = None, cache.layers
     student_layers = student.verbalizers.layers
     matches = MatchRecord(accelerator, cfg, student_layers, teacher_layers, run.total)
-    state = resume(run, logs=[matches.file], teacher_layers=teacher_layers, student_layers=student_layers)
+    copy = _generation_copy(cfg, accelerator) if cfg.lmbda > 0 and on_policy.sharded(accelerator) else None
+    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl", copy)
+    state = resume(
+        run,
+        # Options at values that change nothing are left out: checkpoints written before they existed resume.
+        ignore=(
+            *(on_policy.OPTIONS if cfg.lmbda == 0 else ()),
+            *(("responses",) if cfg.responses == "data" else ()),
+        ),
+        logs=[matches.file, batches.file],
+        teacher_layers=teacher_layers,
+        student_layers=student_layers,
+        **responses,
+    )
     if state is not None:
         matches.load(state)
+        batches.load(state)
 
     def micro_loss(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         cached = batch.pop("teacher", None)  # a cached teacher's distributions
@@ -608,9 +700,13 @@ def train_interaction(cfg: InteractConfig) -> dict:
         entry=entry,
         row=_mean_parts,
         pad_id=processor.pad_token_id,
-        fetch=partial(next_batch, collate_fn=collate_fn) if cache is None else cache.next_batch,
+        fetch=batches
+        if cfg.lmbda > 0
+        else partial(next_batch, collate_fn=collate_fn)
+        if cache is None
+        else cache.next_batch,
         after_step=matches.step_done,
-        saved=matches.state,
+        saved=lambda: matches.state() | (batches.state() if cfg.lmbda > 0 else {}),
     )
 
     totals = matches.totals()
@@ -622,6 +718,9 @@ def train_interaction(cfg: InteractConfig) -> dict:
         final_loss_parts={k: final[k] for k in PARTS} if final else None,
         tokens_seen=run.tokens_seen,
     )
+    if cfg.lmbda > 0:
+        result["on_policy"] = batches.summary(result["seconds"])
+        log.info("on-policy: %s", result["on_policy"])
     with whole_trained(run) as trained:
         if accelerator.is_main_process:
             trained.verbalizers.save(run.out / "verbalizers", base_model_info(trained.backbone))

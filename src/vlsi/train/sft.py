@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlsi.data.processing import ImageSize, VLProcessor
-from vlsi.data.records import ChatDataset, Encoder
+from vlsi.data.records import ChatDataset, Encoder, refuse_unanswered
 from vlsi.losses.tokens import response_cross_entropy
 from vlsi.model.backbone import family_for, get_module
 from vlsi.model.export import checkpoint_dtype, export_checkpoint
@@ -138,6 +138,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = build_model(cfg)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
+    refuse_unanswered(cfg.data, dataset.records, "vlsi sft")
     run = prepare_run(accelerator, cfg, model, dataset)
     curve_file = run.out / "curve.jsonl"
     # The learning curve only reads the model: a resume may add or drop it.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsi.data.processing import ImageSize, VLProcessor
-from vlsi.data.records import ChatDataset, Encoder, collate
+from vlsi.data.records import ChatDataset, Encoder, collate, refuse_unanswered
 from vlsi.losses.chunked import chunk_tokens, chunked_unsupported
 from vlsi.model.backbone import Backbone, parse_layers, target_layers
 from vlsi.model.loading import load_model
@@ -213,6 +213,7 @@ def plot_depth(metrics: dict, path: str | Path) -> Path:
 def _splits(cfg: VerbalizeConfig, encoder: Encoder) -> tuple[ChatDataset, int, ChatDataset, list[int]]:
     """(train set, how many of its leading records to train on, held-out set, held-out indices)."""
     train = ChatDataset(cfg.data, encoder, cfg.image_root)
+    refuse_unanswered(cfg.data, train.records, "vlsi verbalize-train (step 1)")
     if cfg.eval_data:
         held = ChatDataset(cfg.eval_data, encoder, cfg.image_root)
         n_train, held_idx = len(train), list(range(len(held)))
