@@ -37,7 +37,11 @@ def relabel(
 ) -> dict:
     """Writes ``out`` (JSON, images referenced as absolute paths); returns counts of what was answered."""
     processor = VLProcessor.from_pretrained(model_path)
-    model = load_model(model_path, dtype=torch.float32).eval()
+    if torch.cuda.is_available():
+        # A teacher that fits no single GPU is spread over all of them, in its own dtype (untested here: no GPU).
+        model = load_model(model_path, dtype="auto", device_map="auto").eval()
+    else:
+        model = load_model(model_path, dtype=torch.float32).eval()
     encoder = Encoder(processor, max_length)
     dataset = ChatDataset(data, encoder, image_root)
     records = copy.deepcopy(dataset.records)
