@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -52,6 +53,9 @@ REGIMES: dict[str, dict | None] = {
     "free": {"answers": "free"},
     "working": {"answers": "working"},
     "teacher": {"labels": "teacher"},
+    # 30% wrong answers for steps 1-2 and the SFT control; VLsI's step 3 (and the KD control's) on the
+    # teacher's answers to the same images: the step-3 variant the paper allows where labels are bad.
+    "noise30_t3": {"noise": 0.3, "step3": "teacher"},
 }
 ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
 
@@ -66,8 +70,8 @@ def regime_data(out: Path, bases: Path, name: str, seed: int, new_images: int = 
     if options is None:
         return bases / "data" / "train.json"
     labels = options.get("labels", "data")
-    data_options = {k: v for k, v in options.items() if k != "labels"}
-    root = out / "data" / (name if labels == "data" else "new")
+    data_options = {k: v for k, v in options.items() if k not in ("labels", "step3")}
+    root = out / "data" / (name.removesuffix("_t3") if labels == "data" else "new")
     if not (root / "distill.json").exists():
         # The bases' test and validation images are regenerated (same seed, same streams) so the new images
         # avoid their digit combinations.
@@ -101,8 +105,16 @@ def shared_eval(out: Path, bases: Path) -> Path:
 
 
 def run_regime(
-    out: Path, bases: Path, shared: Path, name: str, seed: int, data: Path, threads: int, extra: list[str]
+    out: Path,
+    bases: Path,
+    shared: Path,
+    name: str,
+    seed: int,
+    data: tuple[Path, Path | None],
+    threads: int,
+    extra: list[str],
 ) -> Path:
+    """One seed of one regime; ``data`` is its distillation file and step 3's own file (None: the same)."""
     root = out / name / f"seed{seed}"
     for sub in ("eval", "eval_val"):
         for key in ("teacher", "student_base"):
@@ -113,7 +125,8 @@ def run_regime(
         "out": str(root),
         "teacher": str(bases / "teacher_sft"),
         "student": str(bases / "student_sft"),
-        "train_data": str(data),
+        "train_data": str(data[0]),
+        "step3_data": str(data[1] or ""),
         "test_data": str(bases / "data" / "test.json"),
         "val_data": str(bases / "data" / "val.json"),
         "seed": seed,
@@ -243,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             bases / "log.txt",
             os.cpu_count() or 1,
         )
-    data = {name: regime_data(args.out, bases, name, args.data_seed, args.new_images) for name in regimes}
+
+    def files(name: str) -> tuple[Path, Path | None]:
+        step3 = (REGIMES[name] or {}).get("step3")
+        make = partial(regime_data, args.out, bases, seed=args.data_seed, new_images=args.new_images)
+        return make(name), make(step3) if step3 else None
+
+    data = {name: files(name) for name in regimes}
     shared = shared_eval(args.out, bases)
     # Seed-major order: every regime gets its first seeds before any gets its last.
     with ThreadPoolExecutor(args.jobs) as pool:

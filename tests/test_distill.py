@@ -138,6 +138,19 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         record_config(dataclasses.replace(cfg, interact=InteractSettings(lr=1.0)), tmp_path)
 
 
+def test_an_option_newer_than_the_run_counts_as_its_default(tmp_path):
+    cfg = DistillConfig(out=str(tmp_path / "a"))
+    record_config(cfg, tmp_path)
+    path = tmp_path / "distill_config.yaml"
+    older = yaml.safe_load(path.read_text())
+    del older["step3_data"]  # as a run recorded before the option existed
+    path.write_text(yaml.safe_dump(older))
+    record_config(cfg, tmp_path)
+    path.write_text(yaml.safe_dump(older))
+    with pytest.raises(ValueError, match="step3_data differ"):
+        record_config(dataclasses.replace(cfg, step3_data="other.json"), tmp_path)
+
+
 def test_tiny_preset_applies_only_without_a_teacher():
     from vlsi.run.cli import _default_values
 

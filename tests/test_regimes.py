@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlsi.run.cli import main as vlsi
 
@@ -43,9 +44,13 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     regimes = _load("regimes", monkeypatch)
     out = tmp_path / "map"
     args = ["--out", str(out), "--bases", str(bases), "--seeds", "0,1", "--new-images", "6"]
-    assert regimes.main([*args, "--regimes", "own,noise50,teacher", *STEPS]) == 0
+    assert regimes.main([*args, "--regimes", "own,noise50,teacher,noise30_t3", *STEPS]) == 0
     summary = json.loads((out / "regimes.json").read_text())["regimes"]
-    assert set(summary) == {"own", "noise50", "teacher"}
+    assert set(summary) == {"own", "noise50", "teacher", "noise30_t3"}
+    # Step 3 on the teacher's answers where the distillation set's are noisy; the SFT control keeps the noisy.
+    resolved = yaml.safe_load((out / "noise30_t3" / "seed0" / "distill_config.yaml").read_text())
+    assert resolved["train_data"].endswith("noise30/distill.json")
+    assert resolved["step3_data"].endswith("teacher/distill.json")
     for splits in summary.values():
         for split in ("test", "val"):
             r = splits[split]

@@ -69,6 +69,13 @@ class DistillConfig(ImageSize):
     test_data: str = field(
         default="", metadata={"help": "LLaVA-format file every model is evaluated on (empty = no evaluation)"}
     )
+    step3_data: str = field(
+        default="",
+        metadata={
+            "help": "step 3's file, for VLsI and the final-layer-KD control (empty = train_data), e.g. the "
+            "teacher's own answers where train_data's are missing or wrong; the SFT control keeps train_data"
+        },
+    )
     val_data: str = field(
         default="",
         metadata={
@@ -216,10 +223,10 @@ class Distiller:
             release_memory()
         return out
 
-    def sft(self, out: Path, model: str, label: str, **overrides) -> Path:
+    def sft(self, out: Path, model: str, label: str, data: str = "", **overrides) -> Path:
         if stage(out / "train_summary.json", label):
             settings = _with(self.cfg.sft, **self.common, **overrides)
-            train_sft(SFTConfig(**settings, model=model, data=self.train, out=str(out)))
+            train_sft(SFTConfig(**settings, model=model, data=data or self.train, out=str(out)))
             release_memory()
         if not is_exported(out):
             raise RuntimeError(f"{out}: marked finished but holds no complete export; remove it to retrain")
@@ -232,7 +239,9 @@ class Distiller:
         sv = self.verbalizers(self.student, cfg.student_layers, "student")
         self.teacher_cache(tv)
         step2 = self.interact(root / "step2_interact", self.student, tv, sv, "step 2: interaction")
-        step3 = self.sft(root / "step3_sft", str(step2), "step 3: SFT of the interacted student")
+        step3 = self.sft(
+            root / "step3_sft", str(step2), "step 3: SFT of the interacted student", data=cfg.step3_data
+        )
         models = {"teacher": self.teacher, "student_base": self.student, "vlsi_step2": step2, "vlsi": step3}
         if cfg.controls:
             budget = control_budget(cfg.interact, cfg.sft)
@@ -249,7 +258,7 @@ class Distiller:
                 ll="kld",
             )
             models["final_layer_kd"] = self.sft(
-                root / "control_kd", str(kd2), "control: final-layer KD + step 3"
+                root / "control_kd", str(kd2), "control: final-layer KD + step 3", data=cfg.step3_data
             )
         return {k: str(models[k]) for k in MODELS if k in models}
 
@@ -303,7 +312,10 @@ def record_config(cfg: DistillConfig, root: Path) -> None:
     new = dataclasses.asdict(cfg)
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
-        changed = [k for k in new if k not in RERUN_MAY_CHANGE and old.get(k) != new[k]]
+        # An option newer than the run's record counts as its default there: it did not exist, so the run
+        # was made as the default makes it.
+        default = dataclasses.asdict(DistillConfig())
+        changed = [k for k in new if k not in RERUN_MAY_CHANGE and old.get(k, default[k]) != new[k]]
         if changed:
             raise ValueError(
                 f"{root} was run with other settings ({', '.join(changed)} differ from {path}); "
