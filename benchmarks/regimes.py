@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
     parser.add_argument(
+        "--summarize", action="store_true", help="train nothing: the map of the runs already finished"
+    )
+    parser.add_argument(
         "--new-images", type=int, default=NEW_IMAGES, help="images of the new distillation sets"
     )
     args, extra = parser.parse_known_args(argv)  # anything else goes to every `vlsi distill`
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown regimes {unknown}; choose from {list(REGIMES)}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
+    if args.summarize:
+        return write_summary(args.out, seeds, regimes, t0)
     bases = args.bases
     if bases is None:
         bases = args.out / "bases"
@@ -273,13 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for job in jobs:
             job.result()
-    summary = summarize(args.out, seeds, regimes)
+    return write_summary(args.out, seeds, regimes, t0)
+
+
+def write_summary(out: Path, seeds: list[int], regimes: list[str], t0: float) -> int:
+    summary = summarize(out, seeds, regimes)
     text = "\n\n".join(markdown(summary, split) for split in ("test", "val"))
     print(text)
     print(f"regimes done in {time.perf_counter() - t0:.0f} s")
-    (args.out / "regimes.md").write_text(text + "\n")
-    (args.out / "regimes.json").write_text(json.dumps({"seeds": seeds, "regimes": summary}, indent=2))
-    chart(summary, args.out / "regimes.png")
+    (out / "regimes.md").write_text(text + "\n")
+    (out / "regimes.json").write_text(json.dumps({"seeds": seeds, "regimes": summary}, indent=2))
+    chart(summary, out / "regimes.png")
     return 0
 
 
