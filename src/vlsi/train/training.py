@@ -39,6 +39,7 @@ from vlsi.train.runtime import (
     Batch,
     TrainingArgs,
     append_jsonl,
+    check_finite,
     global_response_tokens,
     global_token_mean,
     grad_sync,
@@ -49,6 +50,7 @@ from vlsi.train.runtime import (
     prepare_training,
     progress_bar,
     run_fingerprint,
+    steps_in_backward,
 )
 
 log = logging.getLogger("vlsi.train.training")
@@ -191,8 +193,11 @@ def _window(run: Run, micro: list[Batch], micro_loss: MicroLoss) -> tuple[torch.
             loss_sum, logged = micro_loss(batch)
             # DDP averages gradients over processes; scaling by world makes it a global token mean.
             loss = loss_sum * accelerator.num_processes / n_resp
-        accelerator.backward(loss)
         sums = sums + logged
+        if steps_in_backward(accelerator) and i == len(micro) - 1:
+            # This backward also applies the update: the window's loss is checked before it.
+            check_finite(accelerator, run.step + 1, sums, None, micro)
+        accelerator.backward(loss)
         tokens += int(batch["attention_mask"].sum())
     return sums, n_resp, tokens
 
