@@ -35,6 +35,57 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
         config["gradient_clipping"] = cfg.max_grad_norm
 
 
+# Side of the blank stand-in image: the processors resize it to their smallest input (Qwen2-VL: 56 x 56 px,
+# 16 patches; LLaVA-OneVision: one tile), so the extra vision forward is the cheapest one there is.
+STAND_IN_PIXELS = 56
+
+
+def vision_on_every_batch(accelerator: Accelerator, model: nn.Module, processor) -> None:
+    """Over several processes, a trained model's micro-batch without an image still runs the vision tower.
+
+    Without ``pixel_values`` the model's forward skips the vision tower. Under FSDP2 (one unit per vision
+    block) and ZeRO-3 the other processes then all-gather vision weights while this one gathers decoder
+    layers: the collectives pair up wrongly, a crash or a hang part-way through any run whose data mixes in
+    text-only records; under DDP a trained vision tower's gradients are awaited from a process that has none.
+    So, as LLaVA-style trainers do, such a micro-batch also runs the vision tower (with its projector) on a
+    blank stand-in image, right after the token embedding, where the real forward runs it, and adds its
+    features times zero to the embeddings: the same collectives in the same order on every process, the
+    loss and gradients unchanged (exact zeros). One process: nothing is installed, nothing changes.
+    """
+    if accelerator.num_processes == 1:
+        return
+    from PIL import Image
+
+    from vlsi.model.backbone import Backbone
+
+    backbone = Backbone(model)
+    inner, image_token = backbone._inner, processor.image_token_id
+    blank = Image.new("RGB", (STAND_IN_PIXELS, STAND_IN_PIXELS))
+    stand_in = processor.process_images([blank])
+
+    def hook(module: nn.Module, args, output: torch.Tensor):
+        # Training forwards only: generation (evaluation) embeds one new token at a time, with no image.
+        if not module.training or bool((args[0] == image_token).any()):
+            return None
+        inputs = {k: v.to(output.device) for k, v in stand_in.items()}
+        features = inner.get_image_features(**inputs)
+        zero = sum(t.float().sum() for t in _float_tensors(features)) * 0.0
+        return output + zero.to(output.dtype)
+
+    backbone.embed_tokens.register_forward_hook(hook)
+
+
+def _float_tensors(value) -> list[torch.Tensor]:
+    """The floating-point tensors in a model output (a ModelOutput, tuple or list, nested)."""
+    if torch.is_tensor(value):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _float_tensors(item)]
+    return []
+
+
 def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: torch.nn.ModuleList):
     """A frozen model (the teacher) placed for inference under the run's engine; never in the optimizer.
 

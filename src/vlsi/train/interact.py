@@ -51,7 +51,7 @@ from vlsi.model.export import export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
-from vlsi.train.engines import prepare_frozen, whole_load
+from vlsi.train.engines import prepare_frozen, vision_on_every_batch, whole_load
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
@@ -444,10 +444,11 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
     return backbone, verbalizers.to(accelerator.device)
 
 
-def _interacting_student(cfg: InteractConfig, accelerator) -> InteractingStudent:
+def _interacting_student(cfg: InteractConfig, accelerator, processor: VLProcessor) -> InteractingStudent:
     """The student to train (fp32; LoRA adapters if asked) with the verbalizers it starts from."""
     with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
         student = load_model(cfg.student, dtype=torch.float32)
+    vision_on_every_batch(accelerator, student, processor)
     if cfg.lora:
         student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -540,7 +541,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if cache is None:
         check_pair(cfg.teacher, cfg.student)
     processor = VLProcessor.from_pretrained(cfg.student)
-    student = _interacting_student(cfg, accelerator)
+    student = _interacting_student(cfg, accelerator, processor)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     if cache is not None:  # before any training: a run the cache does not fit is refused, naming why
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)

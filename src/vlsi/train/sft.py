@@ -19,6 +19,7 @@ from vlsi.model.export import export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.train.engines import vision_on_every_batch
 from vlsi.train.runtime import TrainingArgs, append_jsonl, make_accelerator, model_inputs
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
@@ -93,6 +94,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model)
     model = build_model(cfg)
+    vision_on_every_batch(accelerator, model, processor)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     run = prepare_run(accelerator, cfg, model, dataset)
     curve_file = run.out / "curve.jsonl"
