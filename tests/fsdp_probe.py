@@ -7,8 +7,8 @@ accelerate runs FSDP only on GPUs; here its state is switched to FSDP2 right aft
 ``fully_shard`` calls, on the CPU), and everything else is the unchanged command. Each process writes
 ``RESULT.<rank>.json``:
 
-- ``synced``: per micro-batch, whether the student's (sharded) parameters held reduced gradients after its
-  backward: FSDP2 reduce-scatters only where gradient sync is on.
+- ``synced``: per micro-batch, whether its backward reduce-scattered gradients (FSDP2's post-backward of any
+  unit found gradient sync on).
 - ``teacher_load``: ``{"rss_before", "peak"}`` bytes of this process around loading the teacher (peak RSS
   reset just before).
 - ``resident``: bytes of parameters this process holds at the first optimizer step: ``teacher`` (its
@@ -21,8 +21,9 @@ import json
 import sys
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.tensor import DTensor
 
 # What configs/accelerate/fsdp2.yaml wraps for Qwen2-VL.
@@ -34,7 +35,8 @@ seen: dict = {"synced": [], "resident": None, "teacher_load": None}
 class FSDP2OnCPU(Accelerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.state.distributed_type = DistributedType.FSDP
+        # Both shared states: an AcceleratorState made later copies the PartialState's type over its own.
+        PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
         self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2,
             auto_wrap_policy="transformer_based_wrap",
@@ -44,9 +46,23 @@ class FSDP2OnCPU(Accelerator):
         )
 
     def backward(self, loss, **kwargs):
+        reduced.clear()
         super().backward(loss, **kwargs)
-        trained = [p for p in self._models[0].parameters() if p.requires_grad]
-        seen["synced"].append(any(p.grad is not None for p in trained))
+        seen["synced"].append(any(reduced))
+
+
+# FSDP2 decides in each unit's post-backward whether to reduce-scatter its gradients (``reduce_grads``, which
+# ``set_requires_gradient_sync`` sets): recorded there, per backward.
+reduced: list[bool] = []
+_post_backward = FSDPParamGroup.post_backward
+
+
+def _recorded_post_backward(self, *args, **kwargs):
+    reduced.append(bool(self.reduce_grads))
+    return _post_backward(self, *args, **kwargs)
+
+
+FSDPParamGroup.post_backward = _recorded_post_backward
 
 
 def held_bytes(params) -> int:

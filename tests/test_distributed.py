@@ -264,3 +264,11 @@ def test_fsdp2_text_only_micro_batches_on_one_process_train_as_one_process(fsdp_
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, PROBE_STEPS + 1))
     for got, want in zip(two, one, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_fsdp2_reduce_scatters_only_on_the_last_micro_batch_of_a_window(fsdp_probe):
+    """Gradients are reduced once per optimizer step (as accelerate's ``accumulate`` does), not once per
+    micro-batch; the losses above show the result is the same."""
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    for seen in fsdp_probe["seen"]:
+        assert seen["synced"] == [False] * (PROBE_ACCUM - 1) + [True] + [False] * (PROBE_ACCUM - 1) + [True]

@@ -186,7 +186,9 @@ def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) 
 
 
 def grad_sync(accelerator: Accelerator, module: torch.nn.Module, index: int, count: int):
-    """DDP gradient sync only on the last micro-batch of an accumulation window."""
+    """Gradient sync only on the last micro-batch of an accumulation window: DDP's all-reduce, FSDP2's
+    reduce-scatter (``set_requires_gradient_sync``, which accelerate's ``no_sync`` sets and which FSDP2 reads
+    in backward, so the backward must run inside)."""
     return contextlib.nullcontext() if index == count - 1 else accelerator.no_sync(module)
 
 
