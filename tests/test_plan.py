@@ -235,3 +235,12 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["tokens_per_second"] > 0 and len(result["losses"]) == 2
     assert result["plan_estimate_gib"]["total"] > 0
+
+
+def test_vlsi_plan_under_zero3_refuses_the_steps_with_a_frozen_model(capsys):
+    assert main(["plan", "qwen2vl-72b-to-2b", "--engine", "zero3", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines() if line[:3] in ("  1", "  2", "  3")}
+    assert "refused under zero3" in rows["verbalize"] and "refused under zero3" in rows["interact"]
+    assert "refused" not in rows["sft"]
+    assert "steps 1 and 2 are refused" in out

@@ -391,6 +391,10 @@ def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
         f"  {'step':<22}{'batch':>6}{'seq':>6}{'weights':>9}{'grad+opt':>9}{'activ':>8}{'heads':>8}{'total':>8}",
     ]
     for name, (mem, batch, length) in rows.items():
+        if cfg.engine == "zero3" and name[0] in "12":
+            # vlsi.train.engines.refuse_frozen_under_zero3: these steps hold a frozen model.
+            out.append(f"  {name:<22}{batch:>6}{length:>6}  refused under zero3 (a frozen model): use fsdp")
+            continue
         flag = "  > --gpu-memory" if mem.total / GIB > cfg.gpu_memory else ""
         out.append(
             f"  {name:<22}{batch:>6}{length:>6}{mem.weights / GIB:>9.1f}{mem.states / GIB:>9.1f}"
@@ -405,13 +409,18 @@ def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
     out.append(f"  verbalized losses: verbalize {impl('verbalize')}, interact {impl('interact')}")
     ckpt = {step: "on" if recipe[step]["gradient_checkpointing"] else "off" for step in ("interact", "sft")}
     out.append(f"  gradient checkpointing: interact {ckpt['interact']}, sft {ckpt['sft']}")
+    if cfg.engine == "zero3":
+        out.append(
+            "  zero3 holds no frozen model (loaded whole, then moved whole onto one GPU before partitioning): "
+            "steps 1 and 2 are refused; step 2 runs under zero3 only with a teacher cache built under fsdp"
+        )
     if cfg.engine == "zero3" and any(
         recipe[step]["grad_accum"] != 1 for step in ("verbalize", "interact", "sft")
     ):
         out.append(
             "  zero3 runs need grad_accum 1 in every step (raise batch_size instead): this recipe is refused"
         )
-    if cfg.engine != "ddp":
+    if cfg.engine == "fsdp":
         out.append(
             "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.train.engines.prepare_frozen places them"
         )

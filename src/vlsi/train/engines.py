@@ -86,6 +86,28 @@ def _float_tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def refuse_frozen_under_zero3(accelerator: Accelerator, what: str) -> None:
+    """ZeRO-3 is not offered for a frozen model (step 1's backbone, step 2's live teacher, the teacher-cache
+    pass): refused before any weights load, naming why.
+
+    Such a model is loaded whole on every process (its verbalizers copy its final norm; ``zero.Init`` is
+    off, :func:`whole_load`), and DeepSpeed's engine moves a module without partitioned parameters whole onto
+    its GPU before it partitions it: Qwen2-VL-72B is 146 GB in bf16, more than any one GPU, and every process
+    would first hold it in host RAM. The chunked losses cannot read a partitioned head either. FSDP2 places
+    it (decoder layers sharded, :func:`prepare_frozen`).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError(
+            f"{what} under DeepSpeed ZeRO-3 is not offered: the frozen model would be loaded whole on every "
+            "process and moved whole onto one GPU before DeepSpeed partitions it (a 72B teacher is 146 GB in "
+            "bf16), and the chunked losses cannot read a partitioned head. Use FSDP2 "
+            "(configs/accelerate/fsdp2.yaml) for steps 1 and 2; under ZeRO-3 run step 2 with --teacher-cache "
+            "(a cache built under FSDP2 or DDP) and step 3"
+        )
+
+
 def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: torch.nn.ModuleList):
     """A frozen model (the teacher) placed for inference under the run's engine; never in the optimizer.
 
@@ -93,8 +115,8 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: tor
     - FSDP2: each of ``layers`` (the decoder layers, nearly all of a 72B model's weights) is sharded with
       ``fully_shard`` and gathered only for its own forward; the embeddings, final norm, head and vision
       tower stay whole on every process, so the verbalizers can call the head outside the model's forward.
-    - DeepSpeed: its own inference engine, no optimizer, ZeRO-3 partitioned when the run is ZeRO-3 and
-      replicated otherwise: what TRL does for reference models.
+    - DeepSpeed ZeRO-1/2: its own inference engine, no optimizer, replicated (what TRL does for reference
+      models). ZeRO-3 is refused before loading (:func:`refuse_frozen_under_zero3`).
 
     Returns what to call for a forward: the model itself, or under DeepSpeed its engine (whose forward marks
     the pass for ZeRO-3's parameter fetching). Either way ``model``'s submodules are the ones that run.
@@ -164,7 +186,8 @@ def whole_weights(accelerator: Accelerator, module: torch.nn.Module):
 @contextlib.contextmanager
 def whole_load(accelerator: Accelerator):
     """``from_pretrained`` inside loads whole weights on each process, also under ZeRO-3 (which would otherwise
-    partition them while loading): the verbalizers copy the final norm of the model they are loaded onto."""
+    partition them while loading): the verbalizers copy the final norm of the model they are loaded onto.
+    Used for the trained student (small); a frozen model is not offered ZeRO-3 (:func:`refuse_frozen_under_zero3`)."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         yield
         return
@@ -184,19 +207,12 @@ def _deepspeed_inference(accelerator: Accelerator, model: torch.nn.Module) -> to
 
     import deepspeed
 
+    refuse_frozen_under_zero3(accelerator, "a frozen model")  # callers refuse earlier, before loading it
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
-    zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage") != 3:
-        zero["stage"] = 0  # below ZeRO-3 the teacher is not partitioned: each process holds it whole
-    else:
-        hidden = getattr(getattr(model.config, "text_config", model.config), "hidden_size", None)
-        if hidden:
-            # TRL's values for a frozen model: keep small tensors resident, prefetch a layer's worth.
-            zero["stage3_param_persistence_threshold"] = 10 * hidden
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
-            zero["reduce_bucket_size"] = hidden * hidden
+    # Below ZeRO-3 nothing of a frozen model is partitioned: each process holds it whole.
+    config.setdefault("zero_optimization", {})["stage"] = 0
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

@@ -51,7 +51,7 @@ from vlsi.model.export import export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
-from vlsi.train.engines import prepare_frozen, vision_on_every_batch, whole_load
+from vlsi.train.engines import prepare_frozen, refuse_frozen_under_zero3, vision_on_every_batch, whole_load
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
@@ -430,8 +430,8 @@ def plot_matches(counts: list[list[int]], teacher_layers, student_layers, title:
 
 def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalizers]:
     """The frozen teacher and its verbalizers, placed for inference under the run's engine (whole per process
-    under DDP, decoder layers sharded under FSDP2, partitioned by its own ZeRO-3 engine under DeepSpeed); it is
-    never handed to the optimizer nor saved in checkpoints."""
+    under DDP and DeepSpeed ZeRO-1/2, decoder layers sharded under FSDP2; ZeRO-3 is refused before this); it
+    is never handed to the optimizer nor saved in checkpoints."""
     # A frozen teacher needs no fp32 master weights; bf16 halves its memory.
     dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
     with whole_load(accelerator):
@@ -535,6 +535,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    if not cfg.teacher_cache:
+        refuse_frozen_under_zero3(accelerator, "step 2 with a live teacher")
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
     cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
@@ -547,7 +549,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
     run = prepare_run(accelerator, cfg, student, dataset)
-    # After the student: DeepSpeed builds the teacher's engine from the config the student's prepare completed.
+    # After the student: DeepSpeed (ZeRO-1/2) builds the teacher's engine from the config the student's prepare
+    # completed.
     if cache is None:
         teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
         teacher_read, teacher_layers = Reader(teacher, teacher_verbalizers), teacher_verbalizers.layers
