@@ -272,3 +272,29 @@ def test_fsdp2_reduce_scatters_only_on_the_last_micro_batch_of_a_window(fsdp_pro
     assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
     for seen in fsdp_probe["seen"]:
         assert seen["synced"] == [False] * (PROBE_ACCUM - 1) + [True] + [False] * (PROBE_ACCUM - 1) + [True]
+
+
+def test_fsdp2_each_process_holds_the_parameter_bytes_vlsi_plan_estimates(fsdp_probe):
+    """memory.estimate_memory's step-2 weights (less the two layers gathered only while they run) against
+    what each process holds: the teacher's decoder layers and its (fp32 here) verbalizers sharded, its
+    embeddings, head and vision tower whole, the student and its verbalizers sharded."""
+    from vlsi.run.memory import estimate_memory
+    from vlsi.run.plan import complete_recipe, summarize
+
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    paths = fsdp_probe["paths"]
+    teacher, student = summarize(str(paths["teacher"])), summarize(str(paths["student"]))
+    recipe = complete_recipe(
+        {
+            "teacher": str(paths["teacher"]),
+            "student": str(paths["student"]),
+            "teacher_layers": ",".join(map(str, range(teacher.num_layers - 1))),
+            "student_layers": ",".join(map(str, range(student.num_layers - 1))),
+            "interact": {"batch_size": 1, "grad_accum": PROBE_ACCUM},
+        }
+    )
+    memory, _, _ = estimate_memory(teacher, student, recipe, "fsdp", 2, frozen_bytes=4)["2 interact"]
+    estimate = memory.weights - memory.gathered
+    for seen in fsdp_probe["seen"]:
+        held = sum(seen["resident"].values())
+        assert held == pytest.approx(estimate, rel=0.10), (seen["resident"], estimate)

@@ -58,3 +58,30 @@ def test_zero3_refuses_frozen_models_before_any_weights_load(
         err = capsys.readouterr().err
         assert f"{what}" in err and "ZeRO-3 is not offered" in err and "146 GB" in err, err[-2000:]
         assert "configs/accelerate/fsdp2.yaml" in err
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_the_frozen_teachers_verbalizers_are_kept_in_the_teachers_dtype(
+    precision, dtype, tiny_models, verbalizers
+):
+    """bf16 teacher: bf16 verbalizers, their norm copies too (half the bytes of fp32); fp32 teacher: the saved
+    fp32 weights unchanged."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlsi.model.verbalizer import WEIGHTS_FILE
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.NO, device=torch.device("cpu"))
+    cfg = SimpleNamespace(
+        teacher=str(tiny_models["teacher"]),
+        teacher_verbalizers=str(verbalizers["teacher"]),
+        precision=precision,
+    )
+    backbone, teacher_verbalizers = interact._load_teacher(cfg, accelerator)
+    state = teacher_verbalizers.state_dict()
+    assert {str(v.dtype) for v in state.values()} == {f"torch.{dtype}"}
+    assert any(".norm." in k for k in state)
+    assert next(backbone.model.parameters()).dtype == getattr(torch, dtype)
+    saved = load_file(str(verbalizers["teacher"] / WEIGHTS_FILE))
+    for key, value in saved.items():
+        assert torch.equal(state[key], value.to(getattr(torch, dtype))), key

@@ -130,6 +130,7 @@ class ModelSummary:
     total: int
     language: int
     largest_layer: int
+    decoder: int = 0  # parameters of all decoder layers: what FSDP2 shards of a frozen model
 
     @property
     def vision(self) -> int:
@@ -161,6 +162,7 @@ def summarize(name: str) -> ModelSummary:
         total=_count(model.parameters()),
         language=language,
         largest_layer=max(_count(layer.parameters()) for layer in backbone.layers),
+        decoder=_count(backbone.layers.parameters()),
     )
 
 
@@ -422,7 +424,8 @@ def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
         )
     if cfg.engine == "fsdp":
         out.append(
-            "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.train.engines.prepare_frozen places them"
+            "  frozen models (steps 1 and 2): decoder layers and the teacher's verbalizers sharded, embeddings, head "
+            "and vision tower whole on every GPU, as vlsi.train.engines.prepare_frozen places them"
         )
     out.append("  not counted: vision activations, CUDA context and allocator slack (1-3 GiB)")
     return out

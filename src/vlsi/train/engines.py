@@ -151,6 +151,20 @@ def shard_frozen_layers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> 
     fully_shard(model, reshard_after_forward=True, ignored_params=rest)
 
 
+def prepare_frozen_verbalizers(accelerator: Accelerator, verbalizers: nn.Module) -> nn.Module:
+    """The frozen teacher's verbalizers (20 x 3 hidden^2 for a 72B teacher: 4.0B parameters, 7.5 GiB in
+    bf16) placed for inference: under FSDP2 each verbalizer is sharded over all processes, its own unit,
+    gathered for its own forward and resharded after it (``reshard_after_forward=True``, also as a root); whole
+    on every process otherwise. Every process must then run the same verbalizers in the same order, which
+    the step-2 losses and the teacher cache do (each teacher layer once per micro-batch, in order)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in verbalizers.per_layer.values():
+            fully_shard(module, reshard_after_forward=True)
+    return verbalizers.to(accelerator.device)
+
+
 @contextlib.contextmanager
 def whole_weights(accelerator: Accelerator, module: torch.nn.Module):
     """Every parameter of ``module`` whole on every process while inside: for exporting a sharded run, or

@@ -51,7 +51,13 @@ from vlsi.model.export import export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
-from vlsi.train.engines import prepare_frozen, refuse_frozen_under_zero3, vision_on_every_batch, whole_load
+from vlsi.train.engines import (
+    prepare_frozen,
+    prepare_frozen_verbalizers,
+    refuse_frozen_under_zero3,
+    vision_on_every_batch,
+    whole_load,
+)
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
@@ -286,6 +292,7 @@ class _ReferenceLosses:
         self.zero = states["final"].new_zeros((), dtype=torch.float32)
         self.score_fn = divergence(self.cfg.divergence, self.cfg.jsd_beta)
         self._logits: dict[int | str, torch.Tensor] = {}
+        self._teacher: dict[int | str, torch.Tensor] = {}
 
     def student(self, key: int | str) -> torch.Tensor:
         if key not in self._logits:
@@ -294,7 +301,12 @@ class _ReferenceLosses:
 
     @torch.no_grad()
     def teacher(self, key: int | str) -> torch.Tensor:
-        return self.teacher_read(key, self.teacher_states[key])
+        """The teacher's ``[N, V]`` logits, recomputed from its features (``[N, D]``), which are kept: each
+        verbalizer then runs once per micro-batch, in the scores' order on every process, as FSDP2's sharded
+        verbalizers need (the matched layers differ per process). The same ops as ``teacher_read(key, ...)``."""
+        if key not in self._teacher:
+            self._teacher[key] = self.teacher_read.features(key, self.teacher_states[key])
+        return self.teacher_read.head(self._teacher[key])
 
     def scores(self, layers: list[int], teacher_layers: list[int]) -> torch.Tensor:
         """``[t_s, t_l]`` summed divergence of every student layer from every teacher layer, no graph."""
@@ -437,11 +449,12 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
     with whole_load(accelerator):
         model = load_model(cfg.teacher, dtype=dtype)
     backbone = Backbone(model)
-    # Loaded while the model is whole: each verbalizer starts from a copy of the final norm.
-    verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).eval().requires_grad_(False)
+    # Loaded while the model is whole: each verbalizer starts from a copy of the final norm. Frozen, so kept
+    # in the teacher's dtype like the teacher itself (saved in fp32: an fp32 teacher reads them unchanged).
+    verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).to(dtype).eval().requires_grad_(False)
     # The same modules run either way; under DeepSpeed the forward goes through the teacher's own engine.
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
-    return backbone, verbalizers.to(accelerator.device)
+    return backbone, prepare_frozen_verbalizers(accelerator, verbalizers)
 
 
 def _interacting_student(cfg: InteractConfig, accelerator, processor: VLProcessor) -> InteractingStudent:
