@@ -6,7 +6,8 @@ batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fractio
 "export_diff", "sharded_after_export"}``: how far apart every verbalizer's and the final layer's logits are,
 what share of a decoder layer's weights a process still holds after the forward, whether the language head
 stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.train.engines.whole_weights`
-is from the whole model's, and whether the layers are sharded again afterwards.
+is from the whole model's, and whether the layers are sharded again afterwards; then the same of the
+teacher built sharded from its checkpoint (:func:`vlsi.train.engines.load_frozen_sharded`): ``loaded_*``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.model.backbone import Backbone
 from vlsi.model.loading import load_model
 from vlsi.model.verbalizer import Verbalizers
-from vlsi.train.engines import shard_frozen_layers, whole_weights
+from vlsi.train.engines import load_frozen_sharded, shard_frozen_layers, whole_weights
 
 
 @torch.no_grad()
@@ -64,6 +65,22 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
             exported = {k: v.clone() for k, v in model.state_dict().items()}
             out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
     out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
+
+    # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded): the same weights.
+    loaded = load_frozen_sharded(teacher, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
+    read = Backbone(loaded)
+    got = read_all(read, Verbalizers.load(verbalizers, read), batch)
+    out["loaded_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
+    out["loaded_shard_fraction"] = sum(p.to_local().numel() for p in read.layers[0].parameters()) / sum(
+        p.numel() for p in read.layers[0].parameters()
+    )
+    with whole_weights(accelerator, loaded):
+        if dist.get_rank() == 0:
+            state = loaded.state_dict()
+            out["loaded_export_diff"] = max((state[k] - v).abs().max().item() for k, v in whole_state.items())
+            out["loaded_buffers_equal"] = all(
+                torch.equal(b, dict(whole.model.named_buffers())[k]) for k, b in loaded.named_buffers()
+            )
     if dist.get_rank() == 0:
         with open(result, "w") as f:
             json.dump(out, f)

@@ -167,6 +167,9 @@ def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     assert (
         got["export_diff"] == 0.0 and got["sharded_after_export"]
     )  # engines.whole_weights, as exports use it
+    # Built sharded from the checkpoint (engines.load_frozen_sharded): the very same weights and buffers.
+    assert got["loaded_export_diff"] == 0.0 and got["loaded_buffers_equal"]
+    assert got["loaded_max_diff"] < 1e-5 and got["loaded_shard_fraction"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 probe
@@ -298,3 +301,22 @@ def test_fsdp2_each_process_holds_the_parameter_bytes_vlsi_plan_estimates(fsdp_p
     for seen in fsdp_probe["seen"]:
         held = sum(seen["resident"].values())
         assert held == pytest.approx(estimate, rel=0.10), (seen["resident"], estimate)
+
+
+def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
+    """Each process's peak RSS while the teacher loads grows by its share of the teacher (its half of the
+    decoder layers, the whole embeddings, head and vision tower: what it keeps) plus a fixed overhead, not by
+    the whole teacher. The overhead: the verbalizers, read whole and copied before they are sharded (2 x their
+    file), and 32 MiB."""
+    from vlsi.model.verbalizer import WEIGHTS_FILE
+    from vlsi.run.plan import summarize
+
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    paths = fsdp_probe["paths"]
+    teacher_bytes = summarize(str(paths["teacher"])).total * 4
+    verbalizer_file = (paths["teacher_verbalizers"] / WEIGHTS_FILE).stat().st_size
+    for seen in fsdp_probe["seen"]:
+        kept = seen["resident"]["teacher"]
+        assert kept < 0.55 * teacher_bytes
+        grew = seen["teacher_load"]["peak"] - seen["teacher_load"]["rss_before"]
+        assert grew < kept + 2 * verbalizer_file + 32 * 2**20 < teacher_bytes + verbalizer_file, (grew, kept)

@@ -94,7 +94,7 @@ def refuse_frozen_under_zero3(accelerator: Accelerator, what: str) -> None:
     off, :func:`whole_load`), and DeepSpeed's engine moves a module without partitioned parameters whole onto
     its GPU before it partitions it: Qwen2-VL-72B is 146 GB in bf16, more than any one GPU, and every process
     would first hold it in host RAM. The chunked losses cannot read a partitioned head either. FSDP2 places
-    it (decoder layers sharded, :func:`prepare_frozen`).
+    it (decoder layers sharded as they load, :func:`load_frozen_sharded`).
     """
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
@@ -129,8 +129,98 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: tor
             raise ValueError(
                 "the frozen teacher is sharded with FSDP2; set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
             )
-        shard_frozen_layers(model, layers)
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):  # load_frozen shards as it loads
+            shard_frozen_layers(model, layers)
     return model.to(accelerator.device)
+
+
+def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype) -> nn.Module:
+    """A frozen model (step 1's backbone, step 2's teacher), in eval mode without gradients.
+
+    Under FSDP2 it is built sharded (:func:`load_frozen_sharded`): no process ever holds more of it than
+    its share of the decoder layers and the parts kept whole. Elsewhere ``from_pretrained`` loads it whole
+    on each process (DDP and ZeRO-1/2 hold it whole anyway; ZeRO-3 is refused before this).
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        model = load_frozen_sharded(path, dtype, accelerator.device)
+    else:
+        from vlsi.model.loading import load_model
+
+        with whole_load(accelerator):
+            model = load_model(path, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_frozen_sharded(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model at ``path`` as :func:`shard_frozen_layers` places it, read without ever being whole in memory.
+
+    Loading whole on every process, then sharding, needs the whole model in host RAM once per process
+    (146 GB x 8 for a 72B teacher in bf16). Instead (as ``fsdp_cpu_ram_efficient_loading`` does for a trained
+    model, but with no process holding it all): the model is built on the meta device (buffers, such as the
+    rotary frequencies, computed as usual), its decoder layers sharded there, storage allocated on ``device``
+    for this process's shards and the whole parts only, and each tensor filled from the checkpoint files with
+    just the rows this process keeps (:class:`vlsi.model.partial_load.Checkpoint`). Checkpoint names are
+    mapped to the model's as ``from_pretrained`` maps them (transformers' conversion mapping).
+    """
+    from accelerate import init_empty_weights
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import resolve_model
+    from vlsi.model.partial_load import Checkpoint
+
+    name = resolve_model(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
+    checkpoint = Checkpoint(name)
+    sources = _checkpoint_names(model, checkpoint)
+    shard_frozen_layers(model, Backbone(model).layers)
+    buffers = {key: b.clone() for key, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for key, buffer in model.named_buffers():  # to_empty left them uninitialised
+            buffer.copy_(buffers[key])
+        for key, param in model.named_parameters():
+            if key not in sources:
+                raise ValueError(f"{name}: no weights for {key} in the checkpoint")
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements
+                )
+                local = param.to_local()
+                assert tuple(local.shape) == tuple(shape), (key, local.shape, shape)
+                checkpoint.read_rows(sources[key], offset[0] if offset else 0, local)
+            else:
+                checkpoint.read_rows(sources[key], 0, param)
+    return model
+
+
+def _checkpoint_names(model: nn.Module, checkpoint) -> dict[str, str]:
+    """``{model parameter or buffer name: checkpoint tensor name}``, renamed as ``from_pretrained`` renames
+    (older checkpoints say ``model.layers.*`` and ``visual.*`` for v5's ``model.language_model.layers.*`` and
+    ``model.visual.*``). A checkpoint that needs more than renaming (fused or split tensors) is refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    wanted = model.state_dict()
+    prefix = model.base_model_prefix
+    out = {}
+    for stored in checkpoint.tensors:
+        key, converter = rename_source_key(stored, renamings, converters, prefix, wanted)
+        if key not in wanted and stored in wanted:
+            key, converter = rename_source_key(stored, [], [], prefix, wanted)
+        if converter is not None:
+            raise ValueError(f"checkpoint tensor {stored!r} needs a weight conversion, not read sharded here")
+        if key in wanted:
+            out[key] = stored
+    return out
 
 
 def shard_frozen_layers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:

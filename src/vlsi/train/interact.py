@@ -52,6 +52,7 @@ from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
 from vlsi.train.engines import (
+    load_frozen,
     prepare_frozen,
     prepare_frozen_verbalizers,
     refuse_frozen_under_zero3,
@@ -446,8 +447,8 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
     is never handed to the optimizer nor saved in checkpoints."""
     # A frozen teacher needs no fp32 master weights; bf16 halves its memory.
     dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
-    with whole_load(accelerator):
-        model = load_model(cfg.teacher, dtype=dtype)
+    # Under FSDP2 no process ever holds the whole teacher, in host RAM or on its GPU.
+    model = load_frozen(accelerator, cfg.teacher, dtype)
     backbone = Backbone(model)
     # Loaded while the model is whole: each verbalizer starts from a copy of the final norm. Frozen, so kept
     # in the teacher's dtype like the teacher itself (saved in fp32: an fp32 teacher reads them unchanged).

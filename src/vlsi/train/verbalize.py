@@ -41,7 +41,7 @@ from vlsi.model.verbalizer import (
     verbalized_ce,
 )
 from vlsi.run.evaluate import generate_answers
-from vlsi.train.engines import prepare_frozen, refuse_frozen_under_zero3, whole_load
+from vlsi.train.engines import load_frozen, prepare_frozen, refuse_frozen_under_zero3
 from vlsi.train.runtime import VerbalizedLossArgs, make_accelerator, mixed_precision
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
@@ -233,8 +233,8 @@ def _frozen_model(cfg: VerbalizeConfig, accelerator, model: nn.Module | None) ->
     if model is None:
         # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
         dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
-        with whole_load(accelerator):
-            model = load_model(cfg.model, dtype=dtype)
+        # Under FSDP2 built sharded: no process holds the whole model (engines.load_frozen_sharded).
+        model = load_frozen(accelerator, cfg.model, dtype)
     return freeze(model)
 
 
