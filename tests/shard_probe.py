@@ -7,17 +7,21 @@ batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fractio
 what share of a decoder layer's weights a process still holds after the forward, whether the language head
 stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.train.engines.whole_weights`
 is from the whole model's, and whether the layers are sharded again afterwards; then the same of the
-teacher built sharded from its checkpoint (:func:`vlsi.train.engines.load_frozen_sharded`): ``loaded_*``.
+teacher built sharded from its checkpoint (:func:`vlsi.train.engines.load_frozen_sharded`): ``loaded_*``, and
+of a copy whose head is tied to its embedding: ``tied_export_diff``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from vlsi.data.processing import VLProcessor
 from vlsi.data.records import ChatDataset, Encoder, collate
@@ -34,6 +38,26 @@ def read_all(backbone: Backbone, verbalizers: Verbalizers, batch: dict) -> dict:
     logits = {layer: verbalizers.logits(layer, hidden[layer]) for layer in verbalizers.layers}
     logits["final"] = backbone.output_logits(hidden[last])
     return logits
+
+
+def _tied_head_loads_the_same(source: str, copy: Path, accelerator) -> float | None:
+    """A copy of ``source`` whose head is tied to its embedding (as Qwen2-VL-2B's is; the checkpoint has no
+    ``lm_head.weight``), built sharded: how far its weights are from ``from_pretrained``'s (rank 0)."""
+    if dist.get_rank() == 0:
+        shutil.copytree(source, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["tie_word_embeddings"] = config.setdefault("text_config", {})["tie_word_embeddings"] = True
+        (copy / "config.json").write_text(json.dumps(config))
+        weights = load_file(str(copy / "model.safetensors"))
+        del weights["lm_head.weight"]
+        save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    dist.barrier()
+    whole = load_model(copy, dtype=torch.float32).state_dict()
+    loaded = load_frozen_sharded(str(copy), torch.float32, torch.device("cpu"))
+    assert loaded.lm_head.weight is Backbone(loaded).embed_tokens.weight
+    with whole_weights(accelerator, loaded):
+        state = loaded.state_dict()
+        return max((state[k] - v).abs().max().item() for k, v in whole.items())
 
 
 def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
@@ -81,6 +105,7 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
             out["loaded_buffers_equal"] = all(
                 torch.equal(b, dict(whole.model.named_buffers())[k]) for k, b in loaded.named_buffers()
             )
+    out["tied_export_diff"] = _tied_head_loads_the_same(teacher, Path(result).with_name("tied"), accelerator)
     if dist.get_rank() == 0:
         with open(result, "w") as f:
             json.dump(out, f)

@@ -170,6 +170,7 @@ def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     # Built sharded from the checkpoint (engines.load_frozen_sharded): the very same weights and buffers.
     assert got["loaded_export_diff"] == 0.0 and got["loaded_buffers_equal"]
     assert got["loaded_max_diff"] < 1e-5 and got["loaded_shard_fraction"] == 0.5
+    assert got["tied_export_diff"] == 0.0  # a head tied to the embedding (Qwen2-VL-2B) stays tied
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 probe

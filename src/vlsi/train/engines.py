@@ -176,15 +176,27 @@ def load_frozen_sharded(path: str, dtype: torch.dtype, device: torch.device) -> 
     name = resolve_model(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
+    model.tie_weights()  # built on the meta device the declared ties are not made
     checkpoint = Checkpoint(name)
     sources = _checkpoint_names(model, checkpoint)
+    # Tied parameters (a head sharing the embedding) are one tensor under several names; allocating storage
+    # unties them, so they are tied again after, and read once, under whichever name the checkpoint has.
+    tied: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(key)
     shard_frozen_layers(model, Backbone(model).layers)
     buffers = {key: b.clone() for key, b in model.named_buffers()}
     model.to_empty(device=device)
+    for first, *others in tied.values():
+        for other in others:
+            owner, _, leaf = other.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
+    names = {group[0]: group for group in tied.values()}
     with torch.no_grad():
         for key, buffer in model.named_buffers():  # to_empty left them uninitialised
             buffer.copy_(buffers[key])
         for key, param in model.named_parameters():
+            key = next((k for k in names.get(key, [key]) if k in sources), key)
             if key not in sources:
                 raise ValueError(f"{name}: no weights for {key} in the checkpoint")
             if isinstance(param, DTensor):
