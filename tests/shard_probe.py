@@ -28,7 +28,12 @@ from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.model.backbone import Backbone
 from vlsi.model.loading import load_model
 from vlsi.model.verbalizer import Verbalizers
-from vlsi.train.engines import load_frozen_sharded, shard_frozen_layers, whole_weights
+from vlsi.train.engines import (
+    load_frozen_sharded,
+    load_frozen_verbalizers_sharded,
+    shard_frozen_layers,
+    whole_weights,
+)
 
 
 @torch.no_grad()
@@ -90,10 +95,13 @@ def main(teacher: str, verbalizers: str, data: str, result: str) -> None:
             out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
     out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
 
-    # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded): the same weights.
+    # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded), its verbalizers too
+    # (engines.load_frozen_verbalizers_sharded): the same weights and logits.
     loaded = load_frozen_sharded(teacher, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
     read = Backbone(loaded)
-    got = read_all(read, Verbalizers.load(verbalizers, read), batch)
+    got = read_all(
+        read, load_frozen_verbalizers_sharded(verbalizers, read, torch.float32, torch.device("cpu")), batch
+    )
     out["loaded_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
     out["loaded_shard_fraction"] = sum(p.to_local().numel() for p in read.layers[0].parameters()) / sum(
         p.numel() for p in read.layers[0].parameters()

@@ -305,10 +305,9 @@ def test_fsdp2_each_process_holds_the_parameter_bytes_vlsi_plan_estimates(fsdp_p
 
 
 def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
-    """Each process's peak RSS while the teacher loads grows by its share of the teacher (its half of the
-    decoder layers, the whole embeddings, head and vision tower: what it keeps) plus a fixed overhead, not by
-    the whole teacher. The overhead: the verbalizers, read whole and copied before they are sharded (2 x their
-    file), and 32 MiB."""
+    """Each process's peak RSS while the teacher and its verbalizers load grows by what it keeps of them (its
+    half of the decoder layers and of the verbalizers, the whole embeddings, head and vision tower) plus a
+    fixed 32 MiB, not by the whole teacher (129 MB here, 22 MB of verbalizers)."""
     from vlsi.model.verbalizer import WEIGHTS_FILE
     from vlsi.run.plan import summarize
 
@@ -317,7 +316,7 @@ def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
     teacher_bytes = summarize(str(paths["teacher"])).total * 4
     verbalizer_file = (paths["teacher_verbalizers"] / WEIGHTS_FILE).stat().st_size
     for seen in fsdp_probe["seen"]:
-        kept = seen["resident"]["teacher"]
-        assert kept < 0.55 * teacher_bytes
+        kept = seen["resident"]["teacher"] + seen["resident"]["teacher_verbalizers"]
+        assert kept < 0.55 * (teacher_bytes + verbalizer_file)
         grew = seen["teacher_load"]["peak"] - seen["teacher_load"]["rss_before"]
-        assert grew < kept + 2 * verbalizer_file + 32 * 2**20 < teacher_bytes + verbalizer_file, (grew, kept)
+        assert grew < kept + 32 * 2**20, (grew, kept)

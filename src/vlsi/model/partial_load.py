@@ -75,7 +75,11 @@ class Checkpoint:
     """The tensors of a checkpoint (a folder or a hub id in the local cache): one ``model.safetensors`` or
     the shards its ``model.safetensors.index.json`` lists."""
 
-    def __init__(self, name: str | Path):
+    def __init__(self, name: str | Path, file: str | None = None):
+        """``file``: read that one file of the folder instead (e.g. ``verbalizers.safetensors``)."""
+        if file is not None:
+            self.tensors = _header(Path(name) / file)
+            return
         index = cached_file(str(name), INDEX_FILE, _raise_exceptions_for_missing_entries=False)
         if index is not None:
             shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))

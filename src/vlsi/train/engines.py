@@ -253,6 +253,39 @@ def shard_frozen_layers(model: torch.nn.Module, layers: torch.nn.ModuleList) -> 
     fully_shard(model, reshard_after_forward=True, ignored_params=rest)
 
 
+def load_frozen_verbalizers_sharded(
+    path: str, backbone, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """A frozen model's verbalizers as :func:`prepare_frozen_verbalizers` places them under FSDP2, read as
+    :func:`load_frozen_sharded` reads the model: built on the meta device, each verbalizer sharded (its own
+    unit), and only this process's rows read from ``verbalizers.safetensors``, in ``dtype``. Loading them whole
+    first would hold the 72B teacher's 20 (4.0B parameters, 16 GB in fp32) in every process's host RAM."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from vlsi.model.partial_load import Checkpoint
+    from vlsi.model.verbalizer import WEIGHTS_FILE, Verbalizers
+
+    with torch.device("meta"):
+        verbalizers = Verbalizers.for_model(path, backbone)
+    verbalizers.to(device="meta", dtype=dtype).eval().requires_grad_(False)
+    for module in verbalizers.per_layer.values():
+        fully_shard(module, reshard_after_forward=True)
+    verbalizers.to_empty(device=device)
+    stored = Checkpoint(path, WEIGHTS_FILE)
+    with torch.no_grad():
+        for key, param in verbalizers.named_parameters():
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements
+                )
+                stored.read_rows(key, offset[0] if offset else 0, param.to_local())
+            else:
+                stored.read_rows(key, 0, param)
+    return verbalizers
+
+
 def prepare_frozen_verbalizers(accelerator: Accelerator, verbalizers: nn.Module) -> nn.Module:
     """The frozen teacher's verbalizers (20 x 3 hidden^2 for a 72B teacher: 4.0B parameters, 7.5 GiB in
     bf16) placed for inference: under FSDP2 each verbalizer is sharded over all processes, its own unit,

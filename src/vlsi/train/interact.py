@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
 from vlsi.data.processing import VLProcessor, check_pair
@@ -53,6 +53,7 @@ from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
 from vlsi.train.engines import (
     load_frozen,
+    load_frozen_verbalizers_sharded,
     prepare_frozen,
     prepare_frozen_verbalizers,
     refuse_frozen_under_zero3,
@@ -450,12 +451,20 @@ def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalize
     # Under FSDP2 no process ever holds the whole teacher, in host RAM or on its GPU.
     model = load_frozen(accelerator, cfg.teacher, dtype)
     backbone = Backbone(model)
-    # Loaded while the model is whole: each verbalizer starts from a copy of the final norm. Frozen, so kept
-    # in the teacher's dtype like the teacher itself (saved in fp32: an fp32 teacher reads them unchanged).
-    verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).to(dtype).eval().requires_grad_(False)
+    # Frozen, so kept in the teacher's dtype like the teacher itself (saved in fp32: an fp32 teacher reads
+    # them unchanged). Under FSDP2 read sharded, like the teacher.
+    if accelerator.distributed_type == DistributedType.FSDP:
+        path, device = cfg.teacher_verbalizers, accelerator.device
+        verbalizers = load_frozen_verbalizers_sharded(path, backbone, dtype, device)
+    else:
+        # Loaded while the model is whole: each verbalizer's norm starts from a copy of the final norm.
+        verbalizers = (
+            Verbalizers.load(cfg.teacher_verbalizers, backbone).to(dtype).eval().requires_grad_(False)
+        )
+        verbalizers = prepare_frozen_verbalizers(accelerator, verbalizers)
     # The same modules run either way; under DeepSpeed the forward goes through the teacher's own engine.
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
-    return backbone, prepare_frozen_verbalizers(accelerator, verbalizers)
+    return backbone, verbalizers
 
 
 def _interacting_student(cfg: InteractConfig, accelerator, processor: VLProcessor) -> InteractingStudent:
