@@ -1,5 +1,6 @@
-"""What each distributed engine needs beyond ``accelerator.prepare``: the frozen teacher's placement,
-DeepSpeed's batch settings, and whole weights for loading and exporting a sharded run.
+"""What each distributed engine needs beyond ``accelerator.prepare``: the frozen teacher's loading and
+placement (sharded as it loads under FSDP2; refused under ZeRO-3), the vision tower run on every micro-batch
+of a multi-process run, DeepSpeed's batch settings, and whole weights for loading and exporting a sharded run.
 
 accelerate prepares what is trained (the student, its verbalizers, the optimizer); a frozen model that must
 be sharded but never stepped (the 72B teacher) is left to us, as TRL does for its reference models.
@@ -36,7 +37,7 @@ def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
 
 
 # Side of the blank stand-in image: the processors resize it to their smallest input (Qwen2-VL: 56 x 56 px,
-# 16 patches; LLaVA-OneVision: one tile), so the extra vision forward is the cheapest one there is.
+# 16 patches; LLaVA-OneVision: its smallest anyres layout), so the extra vision forward is a small one.
 STAND_IN_PIXELS = 56
 
 
