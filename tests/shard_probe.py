@@ -6,7 +6,9 @@ batch under ``no_grad`` and has rank 0 write ``{"max_diff", "layer_shard_fractio
 "export_diff", "sharded_after_export"}``: how far apart every verbalizer's and the final layer's logits are,
 what share of a decoder layer's weights a process still holds after the forward, whether the language head
 stayed an ordinary (unsharded) parameter, how far a state dict taken inside :func:`vlsi.train.engines.whole_weights`
-is from the whole model's, and whether the layers are sharded again afterwards.
+is from the whole model's, and whether the layers are sharded again afterwards; then the same of the
+teacher built sharded from its checkpoint (:func:`vlsi.train.engines.load_frozen_sharded`): ``loaded_*``, and
+of a copy whose head is tied to its embedding: ``tied_export_diff``.
 
 With ``STUDENT STUDENT_VERBALIZERS`` after ``RESULT.json`` it also writes ``{"loss_whole", "loss_sharded"}``:
 step 2's loss (uniform matching, every term) of that student against the whole teacher, as one process
@@ -16,18 +18,26 @@ computes it, and against the sharded one.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from vlsi.data.processing import VLProcessor
 from vlsi.data.records import ChatDataset, Encoder, collate
 from vlsi.model.backbone import Backbone
 from vlsi.model.loading import load_model
 from vlsi.model.verbalizer import Verbalizers
-from vlsi.train.engines import shard_frozen_layers, whole_weights
+from vlsi.train.engines import (
+    load_frozen_sharded,
+    load_frozen_verbalizers_sharded,
+    shard_frozen_layers,
+    whole_weights,
+)
 
 
 @torch.no_grad()
@@ -57,6 +67,26 @@ def load_student(path: str, verbalizers: str):
     model = load_model(path, dtype=torch.float32).eval()
     cfg = InteractConfig(student=path, student_verbalizers=verbalizers, data="", out="", strategy="uniform")
     return InteractingStudent(model, Verbalizers.load(verbalizers, Backbone(model)), cfg)
+
+
+def _tied_head_loads_the_same(source: str, copy: Path, accelerator) -> float | None:
+    """A copy of ``source`` whose head is tied to its embedding (as Qwen2-VL-2B's is; the checkpoint has no
+    ``lm_head.weight``), built sharded: how far its weights are from ``from_pretrained``'s (rank 0)."""
+    if dist.get_rank() == 0:
+        shutil.copytree(source, copy)
+        config = json.loads((copy / "config.json").read_text())
+        config["tie_word_embeddings"] = config.setdefault("text_config", {})["tie_word_embeddings"] = True
+        (copy / "config.json").write_text(json.dumps(config))
+        weights = load_file(str(copy / "model.safetensors"))
+        del weights["lm_head.weight"]
+        save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    dist.barrier()
+    whole = load_model(copy, dtype=torch.float32).state_dict()
+    loaded = load_frozen_sharded(str(copy), torch.float32, torch.device("cpu"))
+    assert loaded.lm_head.weight is Backbone(loaded).embed_tokens.weight
+    with whole_weights(accelerator, loaded):
+        state = loaded.state_dict()
+        return max((state[k] - v).abs().max().item() for k, v in whole.items())
 
 
 def main(
@@ -91,6 +121,26 @@ def main(
             exported = {k: v.clone() for k, v in model.state_dict().items()}
             out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
     out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
+
+    # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded), its verbalizers too
+    # (engines.load_frozen_verbalizers_sharded): the same weights and logits.
+    loaded = load_frozen_sharded(teacher, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
+    read = Backbone(loaded)
+    got = read_all(
+        read, load_frozen_verbalizers_sharded(verbalizers, read, torch.float32, torch.device("cpu")), batch
+    )
+    out["loaded_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
+    out["loaded_shard_fraction"] = sum(p.to_local().numel() for p in read.layers[0].parameters()) / sum(
+        p.numel() for p in read.layers[0].parameters()
+    )
+    with whole_weights(accelerator, loaded):
+        if dist.get_rank() == 0:
+            state = loaded.state_dict()
+            out["loaded_export_diff"] = max((state[k] - v).abs().max().item() for k, v in whole_state.items())
+            out["loaded_buffers_equal"] = all(
+                torch.equal(b, dict(whole.model.named_buffers())[k]) for k, b in loaded.named_buffers()
+            )
+    out["tied_export_diff"] = _tied_head_loads_the_same(teacher, Path(result).with_name("tied"), accelerator)
     if student:
         learner = load_student(student, student_verbalizers)
         out["loss_whole"] = step2_loss(whole, Verbalizers.load(verbalizers, whole), learner, batch)

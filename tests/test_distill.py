@@ -240,6 +240,7 @@ def test_no_stage_s_models_survive_into_the_next(tmp_path, tiny_models, synth_da
     import gc
     import weakref
 
+    import vlsi.model.loading as loading
     import vlsi.run.distill as distill
     import vlsi.train.interact as interact
     import vlsi.train.sft as sft
@@ -265,7 +266,8 @@ def test_no_stage_s_models_survive_into_the_next(tmp_path, tiny_models, synth_da
 
         return wrapper
 
-    for module in (verbalize, interact, sft):
+    # Frozen backbones load through engines.load_frozen, which imports loading.load_model when it runs.
+    for module in (verbalize, interact, sft, loading):
         monkeypatch.setattr(module, "load_model", recorded(module.load_model))
     monkeypatch.setattr(distill, "train_verbalizers", staged("step1", distill.train_verbalizers))
     monkeypatch.setattr(distill, "train_interaction", staged("step2", distill.train_interaction))

@@ -33,8 +33,6 @@ CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
 PROBE = Path(__file__).with_name("grad_probe.py")
 SHARD_PROBE = Path(__file__).with_name("shard_probe.py")
 EVAL_PROBE = Path(__file__).with_name("eval_probe.py")
-
-
 GENERATION_PROBE = Path(__file__).with_name("generation_probe.py")
 # CPU only (gloo), one thread per process: two processes share the CI machine's two cores.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
@@ -202,6 +200,159 @@ def test_the_frozen_teacher_sharded_over_two_processes_reads_the_same(
     assert (
         got["export_diff"] == 0.0 and got["sharded_after_export"]
     )  # engines.whole_weights, as exports use it
+    # Built sharded from the checkpoint (engines.load_frozen_sharded): the very same weights and buffers.
+    assert got["loaded_export_diff"] == 0.0 and got["loaded_buffers_equal"]
+    assert got["loaded_max_diff"] < 1e-5 and got["loaded_shard_fraction"] == 0.5
+    assert got["tied_export_diff"] == 0.0  # a head tied to the embedding (Qwen2-VL-2B) stays tied
+
+
+# ---------------------------------------------------------------------------------------- FSDP2 probe
+
+FSDP_PROBE = Path(__file__).with_name("fsdp_probe.py")
+# A teacher whose decoder layers dominate its weights (126 MB in fp32), so that what each process holds of
+# it is measurable against the process's own ~0.5 GB; the student is the tiny one.
+PROBE_TEACHER = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=2048)
+PROBE_STEPS, PROBE_ACCUM = 2, 2
+
+
+def _probe_pair(root: Path) -> dict:
+    from vlsi.model.backbone import Backbone
+    from vlsi.model.loading import load_model
+    from vlsi.model.tiny import LMSize, TinyConfig
+    from vlsi.model.tiny_models import build_tiny
+    from vlsi.model.verbalizer import base_model_info, build_verbalizers
+
+    paths = build_tiny(TinyConfig(out=str(root / "models"), teacher=LMSize(**PROBE_TEACHER)))
+    for name in ("teacher", "student"):
+        backbone = Backbone(load_model(paths[name], dtype=torch.float32))
+        layers = list(range(backbone.num_layers - 1))
+        out = root / f"{name}_verbalizers"
+        paths[f"{name}_verbalizers"] = build_verbalizers(backbone, layers).save(
+            out, base_model_info(backbone)
+        )
+    return paths
+
+
+def _without_image(record: dict) -> dict:
+    turns = [dict(t, value=t["value"].replace("<image>", "").strip()) for t in record["conversations"]]
+    return {k: v for k, v in record.items() if k != "image"} | {"conversations": turns}
+
+
+def _rank_one_text_only(synth_data: Path, path: Path) -> Path:
+    """The synthetic train set reordered so that, at batch 1 over 2 processes, every micro-batch of process 0
+    has an image and every one of process 1 has none."""
+    from vlsi.data.records import BatchStream
+
+    records = json.loads((synth_data / "train.json").read_text())
+    with_image = [r for r in records if "image" in r]
+    text_only = [_without_image(r) for r in with_image]
+    out = list(records)
+    micro = PROBE_STEPS * PROBE_ACCUM
+    for rank, pool in ((0, with_image), (1, text_only)):
+        stream = BatchStream(len(records), 1, 0, rank, 2)
+        for _ in range(micro):
+            (index,) = stream.next_indices()
+            out[index] = pool.pop()
+    path.write_text(json.dumps(out))
+    return path
+
+
+def _interact_args(paths: dict, data: Path, images: Path, out: Path, accum: int) -> list[str]:
+    return [
+        "interact",
+        *("--teacher", str(paths["teacher"]), "--teacher-verbalizers", str(paths["teacher_verbalizers"])),
+        *("--student", str(paths["student"]), "--student-verbalizers", str(paths["student_verbalizers"])),
+        *("--data", str(data), "--image-root", str(images), "--out", str(out)),
+        *("--strategy", "uniform", "--lr", "1e-3", "--log-every", "1", "--precision", "fp32"),
+        *("--batch-size", "1", "--grad-accum", str(accum), "--max-steps", str(PROBE_STEPS)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fsdp_probe(tmp_path_factory, synth_data):
+    """The real ``vlsi interact`` under FSDP2 over 2 gloo processes, where process 1 only ever sees text-only
+    micro-batches, next to the same command in one process at accumulation 4 (the same 4 records a step)."""
+    root = tmp_path_factory.mktemp("fsdp_probe")
+    paths = _probe_pair(root)
+    data = _rank_one_text_only(synth_data, root / "train.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(FSDP_PROBE), str(root / "seen")]
+    cmd += _interact_args(paths, data, synth_data, root / "two", PROBE_ACCUM)
+    # A process left waiting in a collective hangs, so a run that desynchronises is stopped here.
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+        failure = None if run.returncode == 0 else run.stdout[-3000:] + run.stderr[-5000:]
+    except subprocess.TimeoutExpired as e:
+        failure = f"timed out (a process waiting in a collective): {str(e.stderr)[-3000:]}"
+    assert main(_interact_args(paths, data, synth_data, root / "one", 2 * PROBE_ACCUM)) == 0
+    seen = None if failure else [json.loads((root / f"seen.{r}.json").read_text()) for r in range(2)]
+    return {"failure": failure, "seen": seen, "paths": paths, "root": root}
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_fsdp2_text_only_micro_batches_on_one_process_train_as_one_process(fsdp_probe):
+    """A process whose micro-batches carry no image still runs the (sharded) vision blocks: no hang, and the
+    losses are those of one process on the same records."""
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    two, one = _log(fsdp_probe["root"] / "two"), _log(fsdp_probe["root"] / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, PROBE_STEPS + 1))
+    for got, want in zip(two, one, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_fsdp2_reduce_scatters_only_on_the_last_micro_batch_of_a_window(fsdp_probe):
+    """Gradients are reduced once per optimizer step (as accelerate's ``accumulate`` does), not once per
+    micro-batch; the losses above show the result is the same."""
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    for seen in fsdp_probe["seen"]:
+        assert seen["synced"] == [False] * (PROBE_ACCUM - 1) + [True] + [False] * (PROBE_ACCUM - 1) + [True]
+
+
+def test_fsdp2_each_process_holds_the_parameter_bytes_vlsi_plan_estimates(fsdp_probe):
+    """memory.estimate_memory's step-2 weights (less the two layers gathered only while they run) against
+    what each process holds: the teacher's decoder layers and its (fp32 here) verbalizers sharded, its
+    embeddings, head and vision tower whole, the student and its verbalizers sharded."""
+    from vlsi.run.memory import estimate_memory
+    from vlsi.run.plan import complete_recipe, summarize
+
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    paths = fsdp_probe["paths"]
+    teacher, student = summarize(str(paths["teacher"])), summarize(str(paths["student"]))
+    recipe = complete_recipe(
+        {
+            "teacher": str(paths["teacher"]),
+            "student": str(paths["student"]),
+            "teacher_layers": ",".join(map(str, range(teacher.num_layers - 1))),
+            "student_layers": ",".join(map(str, range(student.num_layers - 1))),
+            "interact": {"batch_size": 1, "grad_accum": PROBE_ACCUM},
+        }
+    )
+    memory, _, _ = estimate_memory(teacher, student, recipe, "fsdp", 2, frozen_bytes=4)["2 interact"]
+    estimate = memory.weights - memory.gathered
+    for seen in fsdp_probe["seen"]:
+        held = sum(seen["resident"].values())
+        assert held == pytest.approx(estimate, rel=0.10), (seen["resident"], estimate)
+
+
+def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
+    """Each process's peak RSS while the teacher and its verbalizers load grows by what it keeps of them (its
+    half of the decoder layers and of the verbalizers, the whole embeddings, head and vision tower) plus a
+    fixed 32 MiB, not by the whole teacher (129 MB here, 22 MB of verbalizers)."""
+    from vlsi.model.verbalizer import WEIGHTS_FILE
+    from vlsi.run.plan import summarize
+
+    assert fsdp_probe["failure"] is None, fsdp_probe["failure"]
+    paths = fsdp_probe["paths"]
+    teacher_bytes = summarize(str(paths["teacher"])).total * 4
+    verbalizer_file = (paths["teacher_verbalizers"] / WEIGHTS_FILE).stat().st_size
+    for seen in fsdp_probe["seen"]:
+        kept = seen["resident"]["teacher"] + seen["resident"]["teacher_verbalizers"]
+        assert kept < 0.55 * (teacher_bytes + verbalizer_file)
+        grew = seen["teacher_load"]["peak"] - seen["teacher_load"]["rss_before"]
+        assert grew < kept + 32 * 2**20, (grew, kept)
 
 
 @pytest.fixture(scope="module")

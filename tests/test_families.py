@@ -202,3 +202,31 @@ def test_llava_onevision_recipes_run_as_written(recipe, student_layers, synth_da
         type(AutoModelForImageTextToText.from_pretrained(out / "step3_sft"))
         is LlavaOnevisionForConditionalGeneration
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_only_batch_runs_the_vision_tower_when_several_processes_train(family, family_models):
+    """engines.vision_on_every_batch: the vision tower runs (every parameter gets a gradient, all zeros) and
+    the logits are exactly those without it; with one process nothing is installed."""
+    from types import SimpleNamespace
+
+    from vlsi.model.loading import load_model
+    from vlsi.train.engines import vision_on_every_batch
+
+    path = family_models(family)["student"]
+    processor = VLProcessor.from_pretrained(path)
+    model = load_model(path, dtype=torch.float32).train()
+    ids = torch.tensor([[100, 101, 102, 103, 104]])  # text only: no image token
+    assert processor.image_token_id not in ids
+    want = model(input_ids=ids).logits
+    vision_on_every_batch(SimpleNamespace(num_processes=1), model, processor)
+    vision_on_every_batch(SimpleNamespace(num_processes=2), model, processor)
+    got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    got.sum().backward()
+    grads = [p.grad for p in Backbone(model).vision_tower.parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)
+    model.eval()  # generation embeds without images: the stand-in is for training forwards only
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids).logits.sum().backward()
+    assert all(p.grad is None for p in Backbone(model).vision_tower.parameters())

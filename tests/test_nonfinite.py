@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from vlsi.data.processing import VLProcessor
@@ -21,6 +24,7 @@ from vlsi.model.export import is_exported
 from vlsi.run.cli import main
 from vlsi.train.checkpointing import STATE_FILE, CheckpointManager
 from vlsi.train.runtime import Batch, NonFiniteError, check_finite, make_accelerator
+from vlsi.train.training import _window
 
 POISON = "~"
 BATCH, SEED, BAD_STEP = 4, 0, 3
@@ -128,3 +132,41 @@ def test_a_non_finite_gradient_norm_alone_stops_the_step():
         check_finite(accelerator, 9, 3.0, torch.tensor(float("inf")), [batch])
     with pytest.raises(NonFiniteError, match=r"loss \[1.0, nan\], gradient norm None"):
         check_finite(accelerator, 2, torch.tensor([1.0, float("nan")]), None, [batch])
+
+
+class _SteppingBackward(Accelerator):
+    """accelerate's backward under DeepSpeed (``DeepSpeedEngineWrapper.backward``): the backward, then the
+    engine's step (clip, update, zero grad) on the last micro-batch. DeepSpeed itself is not installed here;
+    what the loop must respect is this order."""
+
+    optimizer = None
+
+    @property
+    def distributed_type(self):
+        return DistributedType.DEEPSPEED
+
+    def backward(self, loss, **kwargs):
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def test_under_deepspeed_a_non_finite_loss_stops_before_the_backward_that_steps():
+    accelerator = make_accelerator("fp32", 0)
+    accelerator.__class__ = _SteppingBackward
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    accelerator.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in module.parameters()]
+    batch = Batch(attention_mask=torch.ones(1, 4, dtype=torch.long), labels=torch.tensor([[-100, 5, 6, 7]]))
+    batch.record_ids = ["record 3 (id 'bad')"]
+
+    def micro_loss(batch):
+        loss = module(torch.tensor([[1.0, float("nan"), 2.0]])).sum()
+        return loss, loss.detach().reshape(1)
+
+    run = SimpleNamespace(accelerator=accelerator, module=module, step=4)
+    with pytest.raises(NonFiniteError, match=r"step 5: .*record 3 \(id 'bad'\)"):
+        _window(run, [batch], micro_loss)
+    for got, want in zip(module.parameters(), before, strict=True):
+        assert torch.equal(got, want)  # the update never ran

@@ -167,6 +167,15 @@ class Verbalizers(nn.Module):
     @classmethod
     def load(cls, path: str | Path, backbone: Backbone) -> Verbalizers:
         """Loads verbalizers saved by :meth:`save` onto ``backbone``; refuses a model of another shape."""
+        verbalizers = cls.for_model(path, backbone)
+        verbalizers.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))
+        return verbalizers.to(backbone.lm_head.weight.device)
+
+    @classmethod
+    def for_model(cls, path: str | Path, backbone: Backbone) -> Verbalizers:
+        """The verbalizers saved in ``path`` as built for ``backbone``, before their weights are read (a
+        sharded load reads them itself: :func:`vlsi.train.engines.load_frozen_verbalizers_sharded`); refuses
+        a model of another shape."""
         path = Path(path)
         meta_file = path / CONFIG_FILE
         if not meta_file.exists():
@@ -179,9 +188,7 @@ class Verbalizers(nn.Module):
                 f"but the model is {_describe(target)}; they only load onto a model of the same shape"
             )
         cfg = VerbalizerConfig(layers=list(meta["target_layers"]), **meta["options"])
-        verbalizers = cls(cfg, backbone.hidden_size, backbone.lm_head, backbone.final_norm)
-        verbalizers.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        return verbalizers.to(backbone.lm_head.weight.device)
+        return cls(cfg, backbone.hidden_size, backbone.lm_head, backbone.final_norm)
 
 
 def _describe(info: dict) -> str:

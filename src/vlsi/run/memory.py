@@ -36,6 +36,7 @@ class ModelSummary:
     largest_layer: int
     # A mixture of experts computes with each token's routed experts only: the parameters one token meets.
     active: int | None = None
+    decoder: int = 0  # parameters of all decoder layers: what FSDP2 shards of a frozen model
 
     @property
     def vision(self) -> int:
@@ -48,8 +49,8 @@ class ModelSummary:
 
 
 # Bytes per parameter, following what the steps do today (interact.py, sft.py, verbalize.py): frozen
-# backbones and the teacher in bf16; the trained student keeps fp32 master weights under bf16 autocast; a
-# trained parameter adds its fp32 gradient and AdamW's two fp32 moments.
+# backbones, the teacher and the teacher's verbalizers in bf16; the trained student keeps fp32 master weights
+# under bf16 autocast; a trained parameter adds its fp32 gradient and AdamW's two fp32 moments.
 FROZEN_BF16 = 2
 FP32 = 4
 GRAD_AND_ADAM = 4 + 8
@@ -86,6 +87,9 @@ class Memory:
     states: float = 0.0
     activations: float = 0.0
     heads: float = 0.0
+    # The part of ``weights`` that is gathered only while a sharded unit runs (two decoder layers); the rest
+    # of ``weights`` is what a GPU holds between forwards.
+    gathered: float = 0.0
 
     @property
     def total(self) -> float:
@@ -130,25 +134,34 @@ def _verbalized_heads(cfg: dict, live: int, vocab: int, tokens: int, engine: str
 
 @dataclass
 class Part:
-    """One group of parameters on a GPU: how many, bytes each as stored, and whether they are trained."""
+    """One group of parameters on a GPU: how many, bytes each as stored, whether they are trained, and
+    whether FSDP2 shards them (what ZeRO-3 would shard: everything)."""
 
     params: int
     bytes_each: int
     trained: bool = False
+    sharded: bool = True
 
 
 def _place(parts: list[Part], engine: str, gpus: int, gather: int) -> Memory:
     shard = gpus if engine in ("fsdp", "zero3") else 1
     memory = Memory()
     for part in parts:
-        memory.weights += part.params * part.bytes_each / shard
+        held = part.params / (shard if part.sharded or engine == "zero3" else 1)
+        memory.weights += held * part.bytes_each
         if part.trained:
-            memory.states += (
-                part.params * (GRAD_AND_ADAM + (DDP_BUCKET if engine == "ddp" and gpus > 1 else 0)) / shard
-            )
+            memory.states += held * (GRAD_AND_ADAM + (DDP_BUCKET if engine == "ddp" and gpus > 1 else 0))
     if shard > 1:
         memory.weights += gather  # the unit being gathered and the next one, prefetched
+        memory.gathered = gather
     return memory
+
+
+def _frozen_parts(m: ModelSummary, bytes_each: int) -> list[Part]:
+    """A frozen model as :func:`vlsi.train.engines.prepare_frozen` places it under FSDP2: its decoder layers
+    sharded; its embeddings, final norm, head and vision tower whole on every GPU (the verbalizers call the
+    head outside the model's forward)."""
+    return [Part(m.decoder, bytes_each), Part(m.total - m.decoder, bytes_each, sharded=False)]
 
 
 def estimate_memory(
@@ -159,17 +172,21 @@ def estimate_memory(
     gpus: int,
     seq_len: int | None = None,
     n_params: dict | None = None,
+    frozen_bytes: int = FROZEN_BF16,
 ) -> dict[str, tuple[Memory, int, int]]:
     """Per-GPU memory of each step: ``{row: (Memory, batch, seq_len)}``.
 
     Formula (bytes; D hidden, I intermediate, L layers, V head width, n = batch x seq-len tokens per GPU,
     every token counted as a response token, an upper bound):
 
-    - weights: frozen backbones bf16 (2/param); the trained student fp32 master weights (4/param, steps 2-3,
-      as the code loads it); verbalizers fp32 (4/param). A trained parameter (LoRA adapters or the whole
-      student, and the verbalizers being trained) adds grads + AdamW moments (12/param) and under ddp a
-      gradient bucket (4/param). Under fsdp / zero3 all of it, the frozen teacher included, is divided by
-      the GPU count, plus two gathered decoder layers in bf16.
+    - weights: frozen backbones and the frozen teacher's verbalizers in ``frozen_bytes`` per parameter (bf16:
+      2, as the steps load them under bf16; 4 for an fp32 run); the trained student fp32 master weights
+      (4/param, steps 2-3, as the code loads it); trained verbalizers fp32 (4/param). A trained parameter
+      (LoRA adapters or the whole student, and the verbalizers being trained) adds grads + AdamW moments
+      (12/param) and under ddp a gradient bucket (4/param). Under fsdp what each GPU really holds: the
+      trained modules and the teacher's verbalizers divided by the GPU count; of a frozen model the decoder
+      layers divided, its embeddings, final norm, head and vision tower whole on every GPU; plus two gathered
+      decoder layers (``Memory.gathered``). zero3 divides everything (it is refused for steps 1 and 2).
     - activations of a trained model: L x n x (24D + 8I) (fp32 residual stream and norms, bf16
       projections, flash attention); with gradient checkpointing L x n x 4D + one layer's n x (24D + 8I).
       A frozen forward holds one layer's n x (24D + 8I) plus the hidden states it hands on (bf16 [n, D] per
@@ -188,7 +205,7 @@ def estimate_memory(
     t_verb = n_params.get("teacher_verbalizers") or verbalizer_parameters(teacher.backbone, t_layers)
     s_verb = n_params.get("student_verbalizers") or verbalizer_parameters(student.backbone, s_layers)
     v_cfg, i_cfg, s_cfg = recipe["verbalize"], recipe["interact"], recipe["sft"]
-    where = (engine, gpus, seq_len)
+    where = (engine, gpus, seq_len, frozen_bytes)
     return {
         "1 verbalize teacher": _verbalize(teacher, t_verb, len(t_layers), v_cfg, where),
         "1 verbalize student": _verbalize(student, s_verb, len(s_layers), v_cfg, where),
@@ -199,8 +216,8 @@ def estimate_memory(
     }
 
 
-# where: (engine, GPUs, sequence length or None for each step's max_length).
-Where = tuple[str, int, "int | None"]
+# where: (engine, GPUs, sequence length or None for each step's max_length, bytes per frozen parameter).
+Where = tuple[str, int, "int | None", int]
 StepMemory = tuple[Memory, int, int]  # (per GPU, batch, sequence length)
 
 
@@ -212,13 +229,13 @@ def _tokens(cfg: dict, where: Where) -> tuple[int, int, int]:
 
 def _placed(parts: list[Part], where: Where, gathered: ModelSummary) -> Memory:
     """:func:`_place`, gathering two of ``gathered``'s largest decoder layers (bf16) when sharded."""
-    return _place(parts, where[0], where[1], 2 * gathered.largest_layer * FROZEN_BF16)
+    return _place(parts, where[0], where[1], 2 * gathered.largest_layer * where[3])
 
 
 def _verbalize(m: ModelSummary, verb: int, layers: int, cfg: dict, where: Where) -> StepMemory:
     """Step 1: one frozen backbone, its verbalizers trained."""
     n, batch, length = _tokens(cfg, where)
-    mem = _placed([Part(m.total, FROZEN_BF16), Part(verb, FP32, True)], where, m)
+    mem = _placed([*_frozen_parts(m, where[3]), Part(verb, FP32, True)], where, m)
     mem.activations = (
         _frozen_forward(m, n) + layers * n * m.hidden_size * FROZEN_BF16 + _verb_ffn_graph(m, layers, n)
     )
@@ -233,7 +250,8 @@ def _interact(
     trained. ``t`` and ``s``: (verbalizer parameters, target layers) of the teacher and the student."""
     (t_verb, t_layers), (s_verb, s_layers) = t, s
     n, batch, length = _tokens(cfg, where)
-    parts = [Part(teacher.total, FROZEN_BF16), Part(t_verb, FP32), Part(s_verb, FP32, True)]
+    # The teacher's verbalizers are frozen: in the teacher's dtype, sharded one unit per verbalizer.
+    parts = [*_frozen_parts(teacher, where[3]), Part(t_verb, where[3]), Part(s_verb, FP32, True)]
     mem = _placed(parts + _student_parts(student, cfg, n_params), where, teacher)
     mem.activations = (
         _trained_activations(student, n, cfg["gradient_checkpointing"])

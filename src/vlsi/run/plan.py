@@ -156,6 +156,7 @@ def summarize(name: str) -> ModelSummary:
         language=language,
         largest_layer=max(_count(layer.parameters()) for layer in backbone.layers),
         active=moe[0] if moe else None,
+        decoder=_count(backbone.layers.parameters()),
     )
 
 
@@ -412,6 +413,10 @@ def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
         f"  {'step':<22}{'batch':>6}{'seq':>6}{'weights':>9}{'grad+opt':>9}{'activ':>8}{'heads':>8}{'total':>8}",
     ]
     for name, (mem, batch, length) in rows.items():
+        if cfg.engine == "zero3" and name[0] in "12":
+            # vlsi.train.engines.refuse_frozen_under_zero3: these steps hold a frozen model.
+            out.append(f"  {name:<22}{batch:>6}{length:>6}  refused under zero3 (a frozen model): use fsdp")
+            continue
         flag = "  > --gpu-memory" if mem.total / GIB > cfg.gpu_memory else ""
         out.append(
             f"  {name:<22}{batch:>6}{length:>6}{mem.weights / GIB:>9.1f}{mem.states / GIB:>9.1f}"
@@ -426,15 +431,21 @@ def _memory_lines(cfg: PlanConfig, recipe: dict, rows: dict) -> list[str]:
     out.append(f"  verbalized losses: verbalize {impl('verbalize')}, interact {impl('interact')}")
     ckpt = {step: "on" if recipe[step]["gradient_checkpointing"] else "off" for step in ("interact", "sft")}
     out.append(f"  gradient checkpointing: interact {ckpt['interact']}, sft {ckpt['sft']}")
+    if cfg.engine == "zero3":
+        out.append(
+            "  zero3 holds no frozen model (loaded whole, then moved whole onto one GPU before partitioning): "
+            "steps 1 and 2 are refused; step 2 runs under zero3 only with a teacher cache built under fsdp"
+        )
     if cfg.engine == "zero3" and any(
         recipe[step]["grad_accum"] != 1 for step in ("verbalize", "interact", "sft")
     ):
         out.append(
             "  zero3 runs need grad_accum 1 in every step (raise batch_size instead): this recipe is refused"
         )
-    if cfg.engine != "ddp":
+    if cfg.engine == "fsdp":
         out.append(
-            "  frozen backbones (steps 1 and 2) are counted sharded, as vlsi.train.engines.prepare_frozen places them"
+            "  frozen models (steps 1 and 2): decoder layers and the teacher's verbalizers sharded, embeddings, head "
+            "and vision tower whole on every GPU, as vlsi.train.engines.prepare_frozen places them"
         )
     out.append("  not counted: vision activations, CUDA context and allocator slack (1-3 GiB)")
     return out

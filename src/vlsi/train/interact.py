@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder, collate_pairs
@@ -56,7 +56,15 @@ from vlsi.model.loading import check_pair, load_model
 from vlsi.model.lora import apply_lora
 from vlsi.model.verbalizer import Verbalizers, base_model_info, response_states
 from vlsi.train import on_policy
-from vlsi.train.engines import prepare_frozen, whole_load
+from vlsi.train.engines import (
+    load_frozen,
+    load_frozen_verbalizers_sharded,
+    prepare_frozen,
+    prepare_frozen_verbalizers,
+    refuse_frozen_under_zero3,
+    vision_on_every_batch,
+    whole_load,
+)
 from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
@@ -331,6 +339,7 @@ class _ReferenceLosses:
         self.zero = states["final"].new_zeros((), dtype=torch.float32)
         self.score_fn = divergence(self.cfg.divergence, self.cfg.jsd_beta)
         self._logits: dict[int | str, torch.Tensor] = {}
+        self._teacher: dict[int | str, torch.Tensor] = {}
 
     def student(self, key: int | str) -> torch.Tensor:
         if key not in self._logits:
@@ -339,7 +348,12 @@ class _ReferenceLosses:
 
     @torch.no_grad()
     def teacher(self, key: int | str) -> torch.Tensor:
-        return self.teacher_read(key, self.teacher_states[key])
+        """The teacher's ``[N, V]`` logits, recomputed from its features (``[N, D]``), which are kept: each
+        verbalizer then runs once per micro-batch, in the scores' order on every process, as FSDP2's sharded
+        verbalizers need (the matched layers differ per process). The same ops as ``teacher_read(key, ...)``."""
+        if key not in self._teacher:
+            self._teacher[key] = self.teacher_read.features(key, self.teacher_states[key])
+        return self.teacher_read.head(self._teacher[key])
 
     def scores(self, layers: list[int], teacher_layers: list[int]) -> torch.Tensor:
         """``[t_s, t_l]`` summed divergence of every student layer from every teacher layer, no graph."""
@@ -481,24 +495,34 @@ def plot_matches(counts: list[list[int]], teacher_layers, student_layers, title:
 
 def _load_teacher(cfg: InteractConfig, accelerator) -> tuple[Backbone, Verbalizers]:
     """The frozen teacher and its verbalizers, placed for inference under the run's engine (whole per process
-    under DDP, decoder layers sharded under FSDP2, partitioned by its own ZeRO-3 engine under DeepSpeed); it is
-    never handed to the optimizer nor saved in checkpoints."""
+    under DDP and DeepSpeed ZeRO-1/2, decoder layers sharded under FSDP2; ZeRO-3 is refused before this); it
+    is never handed to the optimizer nor saved in checkpoints."""
     # A frozen teacher needs no fp32 master weights; bf16 halves its memory.
     dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
-    with whole_load(accelerator):
-        model = load_model(cfg.teacher, dtype=dtype)
+    # Under FSDP2 no process ever holds the whole teacher, in host RAM or on its GPU.
+    model = load_frozen(accelerator, cfg.teacher, dtype)
     backbone = Backbone(model)
-    # Loaded while the model is whole: each verbalizer starts from a copy of the final norm.
-    verbalizers = Verbalizers.load(cfg.teacher_verbalizers, backbone).eval().requires_grad_(False)
+    # Frozen, so kept in the teacher's dtype like the teacher itself (saved in fp32: an fp32 teacher reads
+    # them unchanged). Under FSDP2 read sharded, like the teacher.
+    if accelerator.distributed_type == DistributedType.FSDP:
+        path, device = cfg.teacher_verbalizers, accelerator.device
+        verbalizers = load_frozen_verbalizers_sharded(path, backbone, dtype, device)
+    else:
+        # Loaded while the model is whole: each verbalizer's norm starts from a copy of the final norm.
+        verbalizers = (
+            Verbalizers.load(cfg.teacher_verbalizers, backbone).to(dtype).eval().requires_grad_(False)
+        )
+        verbalizers = prepare_frozen_verbalizers(accelerator, verbalizers)
     # The same modules run either way; under DeepSpeed the forward goes through the teacher's own engine.
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
-    return backbone, verbalizers.to(accelerator.device)
+    return backbone, verbalizers
 
 
-def _interacting_student(cfg: InteractConfig, accelerator) -> InteractingStudent:
+def _interacting_student(cfg: InteractConfig, accelerator, processor: VLProcessor) -> InteractingStudent:
     """The student to train (fp32; LoRA adapters if asked) with the verbalizers it starts from."""
     with whole_load(accelerator):  # the student's verbalizers copy its final norm, which must be whole
         student = load_model(cfg.student, dtype=torch.float32)
+    vision_on_every_batch(accelerator, student, processor)
     if cfg.lora:
         student = apply_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     if cfg.gradient_checkpointing:
@@ -616,6 +640,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
     if not cfg.teacher_cache and not (cfg.teacher and cfg.teacher_verbalizers):
         raise ValueError("step 2 needs --teacher and --teacher-verbalizers, or --teacher-cache")
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    if not cfg.teacher_cache:
+        refuse_frozen_under_zero3(accelerator, "step 2 with a live teacher")
     cfg = cfg.on_device(accelerator.device)
     # Comparing distributions over differently-indexed vocabularies would train on noise without an error;
     # a cache is checked against the student's tokenizer and data below.
@@ -629,7 +655,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         )
     # A same-family teacher reads the same inputs: the student's processor, image bounds included.
     processor = VLProcessor.from_pretrained(cfg.student, **cfg.pixel_bounds())
-    student = _interacting_student(cfg, accelerator)
+    student = _interacting_student(cfg, accelerator, processor)
     encoder, collate_fn = Encoder(processor, cfg.max_length), collate
     if cache is not None:
         student.vocab = cache.vocab
@@ -647,7 +673,8 @@ def train_interaction(cfg: InteractConfig) -> dict:
         cache.check(processor, cfg.data, cfg.kd_temperature, student.backbone.vocab_size)
         cache.verify(dataset)
     run = prepare_run(accelerator, cfg, student, dataset)
-    # After the student: DeepSpeed builds the teacher's engine from the config the student's prepare completed.
+    # After the student: DeepSpeed (ZeRO-1/2) builds the teacher's engine from the config the student's prepare
+    # completed.
     if cache is None:
         teacher, teacher_verbalizers = _load_teacher(cfg, accelerator)
         teacher_read, teacher_layers = Reader(teacher, teacher_verbalizers), teacher_verbalizers.layers

@@ -206,7 +206,9 @@ def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) 
 
 
 def grad_sync(accelerator: Accelerator, module: torch.nn.Module, index: int, count: int):
-    """DDP gradient sync only on the last micro-batch of an accumulation window."""
+    """Gradient sync only on the last micro-batch of an accumulation window: DDP's all-reduce, FSDP2's
+    reduce-scatter (``set_requires_gradient_sync``, which accelerate's ``no_sync`` sets and which FSDP2 reads
+    in backward, so the backward must run inside)."""
     return contextlib.nullcontext() if index == count - 1 else accelerator.no_sync(module)
 
 
@@ -261,6 +263,13 @@ def names_step(accelerator: Accelerator, step: int, micro: list[Batch]):
         raise _non_finite(accelerator, step, str(e), micro) from e
 
 
+def steps_in_backward(accelerator: Accelerator) -> bool:
+    """Whether ``accelerator.backward`` also takes the optimizer step: under DeepSpeed accelerate calls
+    ``engine.step()`` (clipping, update, zero grad) inside the backward of the last micro-batch, so a step's
+    loss must be checked before that backward; DeepSpeed knows the gradient norm only after its step."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def optimizer_step(
     accelerator: Accelerator,
     module: torch.nn.Module,
@@ -274,14 +283,12 @@ def optimizer_step(
     """Clip (if asked), check the step is finite (:func:`check_finite`), step the optimizer and the
     schedule, clear the gradients. ``step`` is the number of the step being taken (1-based), ``loss`` this
     process's loss sums over ``micro``, its micro-batches."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed clips inside its own step (configure_deepspeed) and knows the norm only after it; the
-        # loss is checked alone.
-        grad_norm = None
-    else:
+    if not steps_in_backward(accelerator):
         # max_norm inf measures without clipping.
         grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm or math.inf)
-    check_finite(accelerator, step, loss, grad_norm, micro)
+        check_finite(accelerator, step, loss, grad_norm, micro)
+    # Under DeepSpeed the update was applied by the last backward, after the loop checked the loss
+    # (vlsi.train.training); these calls are accelerate's no-ops there.
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

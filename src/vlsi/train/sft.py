@@ -20,6 +20,7 @@ from vlsi.model.export import checkpoint_dtype, export_checkpoint
 from vlsi.model.loading import load_model
 from vlsi.model.lora import apply_lora
 from vlsi.run.evaluate import EvalConfig, evaluate
+from vlsi.train.engines import vision_on_every_batch
 from vlsi.train.runtime import TrainingArgs, append_jsonl, make_accelerator, model_inputs
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
@@ -137,6 +138,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     accelerator = make_accelerator(cfg.precision, cfg.seed)
     processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
     model = build_model(cfg)
+    vision_on_every_batch(accelerator, model, processor)
     dataset = ChatDataset(cfg.data, Encoder(processor, cfg.max_length), cfg.image_root)
     refuse_unanswered(cfg.data, dataset.records, "vlsi sft")
     run = prepare_run(accelerator, cfg, model, dataset)

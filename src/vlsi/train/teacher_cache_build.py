@@ -1,7 +1,7 @@
 """``vlsi teacher-cache``: run the frozen teacher once over the data and store its verbalized distributions.
 
 One inference pass without gradients (bf16 on GPUs that have it), the teacher placed as step 2 places it
-(whole per process, FSDP2-sharded decoder layers, or DeepSpeed's own engine; :func:`vlsi.train.engines.prepare_frozen`),
+(whole per process, or FSDP2-sharded decoder layers; not under ZeRO-3; :func:`vlsi.train.engines.prepare_frozen`),
 writing the shards of :mod:`vlsi.train.teacher_cache`. Under ``accelerate launch`` process ``p`` writes shards
 ``p, p + world, ...``; every process runs the same number of forwards per round (a two-token stand-in when it
 has nothing left), since a sharded teacher's forward is a collective. Before it starts it prints the size
@@ -30,6 +30,7 @@ from vlsi.losses.sparse import SparseDist, sparse_from_logits
 from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, shift_labels
 from vlsi.model.loading import check_pair
 from vlsi.train.checkpointing import fingerprint as settings_hash
+from vlsi.train.engines import refuse_frozen_under_zero3
 from vlsi.train.interact import Reader, _load_teacher, teacher_response_states
 from vlsi.train.runtime import make_accelerator, progress_bar
 from vlsi.train.teacher_cache import (
@@ -276,6 +277,7 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision, 0)
+    refuse_frozen_under_zero3(accelerator, "building a teacher cache")
     if not cfg.chunk_tokens:
         cfg = dataclasses.replace(cfg, chunk_tokens=default_chunk_tokens(accelerator.device))
     processor = teacher_processor = VLProcessor.from_pretrained(cfg.teacher, **cfg.pixel_bounds())

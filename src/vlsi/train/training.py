@@ -39,6 +39,7 @@ from vlsi.train.runtime import (
     Batch,
     TrainingArgs,
     append_jsonl,
+    check_finite,
     global_response_tokens,
     global_token_mean,
     grad_sync,
@@ -49,6 +50,7 @@ from vlsi.train.runtime import (
     prepare_training,
     progress_bar,
     run_fingerprint,
+    steps_in_backward,
 )
 
 log = logging.getLogger("vlsi.train.training")
@@ -193,12 +195,17 @@ def _window(run: Run, micro: list[Batch], micro_loss: MicroLoss) -> tuple[torch.
         # Tensors go to the device; anything else (a cached teacher's distributions) is the step's to place.
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         sync = grad_sync(accelerator, run.module, i, len(micro))
-        with sync, accelerator.autocast(), names_step(accelerator, run.step + 1, micro):
-            loss_sum, logged = micro_loss(batch)
-            # DDP averages gradients over processes; scaling by world makes it a global token mean.
-            loss = loss_sum * accelerator.num_processes / n_resp
-        accelerator.backward(loss)
-        sums = sums + logged
+        # The backward too runs inside: FSDP2 reads its gradient-sync flag in backward (DDP in forward).
+        with sync:
+            with accelerator.autocast(), names_step(accelerator, run.step + 1, micro):
+                loss_sum, logged = micro_loss(batch)
+                # DDP averages gradients over processes; scaling by world makes it a global token mean.
+                loss = loss_sum * accelerator.num_processes / n_resp
+            sums = sums + logged
+            if steps_in_backward(accelerator) and i == len(micro) - 1:
+                # This backward also applies the update: the window's loss is checked before it.
+                check_finite(accelerator, run.step + 1, sums, None, micro)
+            accelerator.backward(loss)
         tokens += int(batch["attention_mask"].sum())
     return sums, n_resp, tokens
 

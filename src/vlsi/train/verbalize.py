@@ -41,7 +41,7 @@ from vlsi.model.verbalizer import (
     verbalized_ce,
 )
 from vlsi.run.evaluate import generate_answers
-from vlsi.train.engines import prepare_frozen, whole_load
+from vlsi.train.engines import load_frozen, prepare_frozen, refuse_frozen_under_zero3
 from vlsi.train.runtime import VerbalizedLossArgs, make_accelerator, mixed_precision
 from vlsi.train.training import final_steps, prepare_run, resume, summary, train, whole_trained, write_summary
 
@@ -234,8 +234,8 @@ def _frozen_model(cfg: VerbalizeConfig, accelerator, model: nn.Module | None) ->
     if model is None:
         # A frozen backbone needs no fp32 master weights; bf16 halves its memory.
         dtype = torch.bfloat16 if mixed_precision(cfg.precision) == "bf16" else torch.float32
-        with whole_load(accelerator):
-            model = load_model(cfg.model, dtype=dtype)
+        # Under FSDP2 built sharded: no process holds the whole model (engines.load_frozen_sharded).
+        model = load_frozen(accelerator, cfg.model, dtype)
     return freeze(model)
 
 
@@ -243,6 +243,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     """Trains one verbalizer per target layer of the frozen ``model`` (loaded from ``cfg.model`` if not
     given) and writes them, their held-out metrics and the depth plot to ``cfg.out``."""
     accelerator = make_accelerator(cfg.precision, cfg.seed)
+    refuse_frozen_under_zero3(accelerator, "step 1 (the frozen backbone)")
     cfg = cfg.on_device(accelerator.device)
     chunk = chunk_tokens(cfg.loss_impl, cfg.loss_chunk_tokens)
     processor = VLProcessor.from_pretrained(cfg.model, **cfg.pixel_bounds())
@@ -263,7 +264,7 @@ def train_verbalizers(cfg: VerbalizeConfig, model: nn.Module | None = None) -> d
     dataset, n_train, held, held_idx = _splits(cfg, Encoder(processor, cfg.max_length))
     run = prepare_run(accelerator, cfg, VerbalizedLoss(verbalizers, chunk), dataset, n_train)
     # Placed after the verbalizers copied its final norm (whole) and after DeepSpeed's config was completed;
-    # sharded like step 2's teacher under FSDP2 / ZeRO-3, moved whole to the device otherwise.
+    # sharded like step 2's teacher under FSDP2, moved whole to the device otherwise (ZeRO-3 was refused).
     backbone.model = prepare_frozen(accelerator, model, backbone.layers)
     resume(run, ignore=("eval_max_records",), target_layers=layers)
 
