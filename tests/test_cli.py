@@ -122,3 +122,18 @@ def test_yaml_config_values_take_the_option_types(tmp_path, tiny_models, synth_d
     config.write_text("lr: fast\n")
     assert main(["sft", "--config", str(config), "--model", "m", "--data", "d", "--out", "o"]) == 2
     assert "'lr' must be a float, got 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a subprocess
+def test_python_dash_m_vlsi_is_the_command():
+    """`python -m vlsi` (and so `accelerate launch -m vlsi`) runs the CLI; the docs launch it that way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "vlsi", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "interact" in done.stdout and "teacher-cache" in done.stdout
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/cluster.md"):
+        assert "-m vlsi.run.cli" not in (root / doc).read_text(), doc
