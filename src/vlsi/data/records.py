@@ -11,6 +11,7 @@ skipped with a warning naming it and counted, so a long run never dies on one re
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlsi.data.processing import VLProcessor
+from vlsi.data.store import DataFileError, Records
 from vlsi.losses.tokens import IGNORE_INDEX
 
 # Per-image (or per-record) tensors beside pixel_values, concatenated over a batch's records.
@@ -30,10 +32,6 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 log = logging.getLogger("vlsi.data.records")
-
-
-class DataFileError(ValueError):
-    """The file as a whole cannot be read."""
 
 
 class RecordError(ValueError):
@@ -46,7 +44,8 @@ class RecordError(ValueError):
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Reads a JSON list or JSONL file; fails with the line number on invalid JSON."""
+    """Reads a whole JSON list or JSONL file into memory; fails with the line number on invalid JSON. Small
+    files and tools only: training reads every input through :class:`vlsi.data.store.Records`."""
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file")
@@ -75,16 +74,43 @@ def record_name(record, index: int) -> str:
     return f"record {index}" + (f" (id {rid!r})" if rid is not None else "")
 
 
-def image_paths(record: dict, base: Path) -> list[Path]:
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image stored inside the data (a ``{"bytes", "path"}`` struct, as ``datasets.Image`` keeps it)."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return f"<{len(self.data)} bytes{' of ' + self.name if self.name else ''}>"
+
+
+def _image_item(item, base: Path) -> Path | ImageBytes | None:
+    if isinstance(item, str) and item:
+        return base / item
+    if isinstance(item, dict):
+        if isinstance(item.get("bytes"), bytes | bytearray) and item["bytes"]:
+            return ImageBytes(bytes(item["bytes"]), item.get("path") or "")
+        if isinstance(item.get("path"), str) and item["path"]:
+            return base / item["path"]
+    return None
+
+
+def image_paths(record: dict, base: Path) -> list[Path | ImageBytes]:
+    """The record's images: files under ``base``, or bytes stored in the record itself."""
     if not isinstance(record, dict):
         raise RecordError("record is not a JSON object")
     image = record.get("image")
     if image is None:
         return []
-    items = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in items):
-        raise RecordError(f"'image' must be a path or a list of paths, got {image!r}", "bad image field")
-    return [base / p for p in items]
+    items = [_image_item(p, base) for p in (image if isinstance(image, list) else [image])]
+    if any(p is None for p in items):
+        shown = repr(image) if len(repr(image)) < 200 else repr(image)[:200] + "..."
+        raise RecordError(
+            f"'image' must be a path, a {{'bytes', 'path'}} struct or a list of them, got {shown}",
+            "bad image field",
+        )
+    return items
 
 
 def to_messages(record: dict, num_images: int) -> list[dict]:
@@ -132,11 +158,11 @@ def _content_parts(text: str) -> list[dict]:
     return parts
 
 
-def load_images(paths: list[Path]) -> list[Image.Image]:
+def load_images(paths: list[Path | ImageBytes]) -> list[Image.Image]:
     images = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(p.data) if isinstance(p, ImageBytes) else p) as im:
                 images.append(im.convert("RGB"))
         except FileNotFoundError:
             raise RecordError(f"image not found: {p}", "image not found") from None
@@ -242,11 +268,15 @@ class SkipLog:
 
 
 class ChatDataset(torch.utils.data.Dataset):
-    """Lazily encoded records; a bad record yields None (and is logged and counted)."""
+    """Lazily encoded records; a bad record yields None (and is logged and counted).
+
+    ``path``: any input :class:`vlsi.data.store.Records` reads (LLaVA JSON / JSONL, parquet, a
+    ``save_to_disk`` folder, a mixture YAML). The records stay on disk, memory-mapped; ``records[i]``
+    reads one."""
 
     def __init__(self, path: str | Path, encoder: Encoder, image_root: str | Path | None = None):
         self.path = Path(path)
-        self.records = load_records(self.path)
+        self.records = Records(self.path, image_root)
         self.base = Path(image_root) if image_root else self.path.parent
         self.encoder = encoder
         self.skips = SkipLog()
@@ -257,7 +287,7 @@ class ChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | None:
         record = self.records[index]
         try:
-            return self.encoder.encode(record, self.base)
+            return self.encoder.encode(record, self.records.base(index))
         except RecordError as e:
             self.skips.skip(str(self.path), index, record, e)
             return None

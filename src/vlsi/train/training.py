@@ -97,6 +97,10 @@ def prepare_run(
     """The run of ``module``'s trainable parameters over the first ``n_records`` of ``dataset`` (all)."""
     n_records = len(dataset) if n_records is None else n_records
     module, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, module, n_records)
+    if accelerator.is_main_process:
+        # What was read: for a mixture, each source, its size and the records drawn from it.
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "data.json").write_text(json.dumps(dataset.records.describe(), indent=2))
     return Run(accelerator, cfg, Path(cfg.out), module, optimizer, scheduler, stream, dataset, total)
 
 
@@ -231,6 +235,7 @@ def summary(run: Run, records: int, **fields) -> dict:
         **fields,
         "seconds": round(time.perf_counter() - run.started, 1),
         "records": records,
+        "data": run.dataset.records.describe(),
         **run.dataset.skips.summary(),
     }
 
