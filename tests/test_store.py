@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -188,9 +189,10 @@ def test_a_bad_mixture_is_refused_naming_the_problem(tmp_path, spec, message):
 
 
 def _rss_mb_after_opening(path) -> float:
+    # /proc, not getrusage: ru_maxrss survives exec, so the child would report pytest's own peak.
     code = (
-        "import resource, sys; from vlsi.data.store import Records; r = Records(sys.argv[1]); r[len(r) - 1]; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import re, sys; from vlsi.data.store import Records; r = Records(sys.argv[1]); r[len(r) - 1]; "
+        "print(int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     return float(done.stdout.split()[-1])
@@ -273,3 +275,59 @@ def test_a_killed_run_over_a_mixture_resumes_to_the_same_losses_and_weights(
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
     a, b = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_record_lengths_count_image_tokens_by_the_processors_rule(tmp_path, synth_data, processor):
+    from vlsi.data.records import record_lengths
+
+    dataset = ChatDataset(synth_data / "train.json", Encoder(processor))
+    lengths = record_lengths(dataset.records, processor)
+    real = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    assert len(lengths) == len(real)
+    for estimate, n in zip(lengths.tolist(), real, strict=True):
+        assert abs(estimate - n) <= 0.15 * n, (estimate, n)
+    images = [int((dataset[i]["input_ids"] == processor.image_token_id).sum()) for i in range(3)]
+    assert min(images) > 0 and all(lengths[i] > images[i] for i in range(3))
+    assert np.array_equal(record_lengths(dataset.records, processor), lengths)  # the cached array
+
+
+def _padding(order, lengths, span):
+    batches = order[: len(order) // span * span].reshape(-1, span)
+    widths = lengths[batches].max(1)
+    return 1 - lengths[batches].sum() / (widths.sum() * span)
+
+
+def test_length_grouped_order_pads_little_and_resumes_exactly():
+    from vlsi.data.records import BatchStream, grouped_permutation
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(20, 60, 700), rng.integers(300, 900, 300)]).astype(np.int32)
+    g = torch.Generator().manual_seed(1)
+    grouped = grouped_permutation(lengths, 32, g).numpy()
+    assert sorted(grouped.tolist()) == list(range(1000))
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).numpy()
+    assert _padding(grouped, lengths, 32) < 0.1 < _padding(random_order, lengths, 32)
+    assert np.array_equal(grouped_permutation(lengths, 32, torch.Generator().manual_seed(1)).numpy(), grouped)
+
+    stream = BatchStream(1000, 8, seed=3, rank=1, world=2, lengths=lengths)
+    for _ in range(70):  # past an epoch's end
+        stream.next_indices()
+    saved = stream.state()
+    want = [stream.next_indices() for _ in range(5)]
+    again = BatchStream(1000, 8, seed=3, rank=1, world=2, lengths=lengths)
+    again.load(saved)
+    assert [again.next_indices() for _ in range(5)] == want
+    plain = BatchStream(1000, 8, seed=3, rank=1, world=2)
+    assert (
+        plain.next_indices() != BatchStream(1000, 8, seed=3, rank=1, world=2, lengths=lengths).next_indices()
+    )
+
+
+@pytest.mark.slow  # two short training runs
+def test_group_by_length_trains_and_is_off_by_default(tmp_path, synth_data, tiny_models):
+    args = ["sft", "--model", str(tiny_models["student"]), "--data", str(synth_data / "train.json")]
+    args += ["--max-steps", "2", "--batch-size", "4", "--log-every", "1"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "grouped"), "--group-by-length"]) == 0
+    plain, grouped = (_rows(tmp_path / name / "train_log.jsonl") for name in ("plain", "grouped"))
+    assert [r["step"] for r in grouped] == [1, 2] and plain[0]["loss"] != grouped[0]["loss"]

@@ -11,6 +11,7 @@ skipped with a warning naming it and counted, so a long run never dies on one re
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -293,6 +295,81 @@ class ChatDataset(torch.utils.data.Dataset):
             return None
 
 
+def _image_size(item: Path | ImageBytes) -> tuple[int, int] | None:
+    """An image's size from its header: nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(item.data) if isinstance(item, ImageBytes) else item) as im:
+            return im.size
+    except Exception:  # a missing or broken image: the record is skipped when it is read
+        return None
+
+
+def record_lengths(records: Records, processor: VLProcessor, chunk: int = 1024) -> np.ndarray:
+    """Each record's token count, image tokens included, for grouping batches by length: built once per
+    input and processor (memory-mapped after). The image tokens follow the processor's own rule applied to
+    a blank image of each size (read from the file's header; memoised per size), the text is the turns'
+    tokens plus a few per turn for the chat template: close enough to group by, never used as a length."""
+    identity = json.dumps(
+        [processor.model_type, str(processor.tokenizer.name_or_path), len(processor.tokenizer),
+         processor.image_processor.to_json_string()]
+    )  # fmt: skip
+    per_sizes: dict[tuple, int] = {}
+
+    def image_tokens(sizes: tuple) -> int:
+        if sizes not in per_sizes:
+            blank = [Image.new("RGB", size) for size in sizes]
+            try:
+                per_sizes[sizes] = sum(processor.image_token_counts(processor.process_images(blank)))
+            except ValueError:  # the processor refuses the size: the record will be skipped
+                per_sizes[sizes] = 0
+        return per_sizes[sizes]
+
+    def build(tmp: Path) -> None:
+        out = np.zeros(len(records), np.int32)
+        for start in range(0, len(records), chunk):
+            texts, extra = [], []
+            for i in range(start, min(start + chunk, len(records))):
+                record = records[i]
+                turns = record.get("conversations") if isinstance(record, dict) else None
+                turns = turns if isinstance(turns, list) else []
+                texts.append(
+                    "\n".join(
+                        t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
+                    )
+                )
+                try:
+                    sizes = tuple(_image_size(p) for p in image_paths(record, records.base(i)))
+                except RecordError:
+                    sizes = ()
+                extra.append(4 * len(turns) + (image_tokens(sizes) if sizes and None not in sizes else 0))
+            ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            out[start : start + len(texts)] = [len(t) + e for t, e in zip(ids, extra, strict=True)]
+        with tmp.open("wb") as f:
+            np.save(f, out)
+
+    return records.cached_array("lengths-" + hashlib.sha256(identity.encode()).hexdigest()[:16], build)
+
+
+def grouped_permutation(lengths: np.ndarray, span: int, g: torch.Generator, groups: int = 64) -> torch.Tensor:
+    """A random order whose consecutive ``span``-sized runs hold records of similar length: the shuffled
+    records are cut into groups of ``groups`` spans, each group sorted by length and cut into spans, and the
+    whole spans shuffled again (the remainder, less than a span, goes last, where an epoch drops it)."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=g)
+    by_length = torch.as_tensor(np.asarray(lengths, dtype=np.int64))[perm]
+    pieces = []
+    for start in range(0, n, span * groups):
+        chunk = perm[start : start + span * groups]
+        # Stable, longest first: ties keep the random order, so the result depends on the seed alone.
+        order = torch.sort(by_length[start : start + span * groups], descending=True, stable=True).indices
+        pieces.append(chunk[order])
+    ordered = torch.cat(pieces)
+    whole = n // span * span
+    spans = ordered[:whole].reshape(-1, span)
+    spans = spans[torch.randperm(len(spans), generator=g)]
+    return torch.cat([spans.reshape(-1), ordered[whole:]])
+
+
 def collate(items: list[dict | None], pad_id: int, padding_side: str = "right") -> dict | None:
     """Pads a list of encoded records into a batch; drops skipped (None) records."""
     items = [x for x in items if x is not None]
@@ -343,6 +420,8 @@ class BatchStream:
     world: int = 1
     epoch: int = 0
     cursor: int = 0
+    # Each record's length: when given, each step's records are of similar length (grouped_permutation).
+    lengths: np.ndarray | None = None
 
     def __post_init__(self):
         if self.size < self.batch_size * self.world:
@@ -354,7 +433,10 @@ class BatchStream:
     def _permutation(self) -> torch.Tensor:
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            self._perm = torch.randperm(self.size, generator=g)
+            if self.lengths is None:
+                self._perm = torch.randperm(self.size, generator=g)
+            else:
+                self._perm = grouped_permutation(self.lengths[: self.size], self.batch_size * self.world, g)
             self._perm_epoch = self.epoch
         return self._perm
 

@@ -342,6 +342,7 @@ class Records(Sequence):
             self.sources = [open_source(self.path, image_root)]
             self.specs = None
             self._index = None
+            self.key = f"{self.sources[0].dataset._fingerprint}-{image_root}"
             return
         if not self.path.exists():
             raise DataFileError(f"{self.path}: no such file")
@@ -362,6 +363,7 @@ class Records(Sequence):
             with tmp.open("wb") as f:
                 np.save(f, np.stack([which, np.concatenate(rows)], axis=1))
 
+        self.key = key + "-" + "-".join(s.dataset._fingerprint for s in self.sources)
         target = _built_once(cache_root() / f"mixture-{key}.npy", build)
         self._index = np.load(target, mmap_mode="r")
 
@@ -386,6 +388,12 @@ class Records(Sequence):
 
     def base(self, i: int) -> Path:
         return self._locate(i)[0].base
+
+    def cached_array(self, name: str, build) -> np.ndarray:
+        """A per-record array derived from these records (``build(tmp_path)`` writes it with ``np.save``),
+        built once like the records themselves and memory-mapped."""
+        digest = hashlib.sha256(f"{CACHE_VERSION}-{self.key}-{name}".encode()).hexdigest()[:20]
+        return np.load(_built_once(cache_root() / f"array-{digest}.npy", build), mmap_mode="r")
 
     def describe(self) -> dict:
         if self._index is None:

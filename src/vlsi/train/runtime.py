@@ -124,6 +124,14 @@ class TrainingArgs:
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    # Off unless asked (the real runs' recipes ask): the tiny setting's numbers depend on today's order.
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "batches of records of similar token count (image tokens included), shuffled in groups: "
+            "little padding; the recipes turn it on"
+        },
+    )
     max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
     precision: str = field(
         default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
@@ -156,8 +164,11 @@ class VerbalizedLossArgs(TrainingArgs):
 BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
 
 
-def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
-    """AdamW + schedule over ``module``'s trainable parameters and the data order, prepared by accelerate.
+def prepare_training(
+    accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int, lengths=None
+):
+    """AdamW + schedule over ``module``'s trainable parameters and the data order (grouped by ``lengths``
+    when given), prepared by accelerate.
 
     Returns (module, optimizer, scheduler, stream, total_steps).
     """
@@ -170,7 +181,9 @@ def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    stream = BatchStream(n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world)
+    stream = BatchStream(
+        n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world, lengths=lengths
+    )
     return module, optimizer, scheduler, stream, total
 
 

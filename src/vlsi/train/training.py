@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vlsi.data.records import BatchStream, ChatDataset
+from vlsi.data.records import BatchStream, ChatDataset, record_lengths
 from vlsi.train.checkpointing import CheckpointManager
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import (
@@ -96,7 +96,13 @@ def prepare_run(
 ) -> Run:
     """The run of ``module``'s trainable parameters over the first ``n_records`` of ``dataset`` (all)."""
     n_records = len(dataset) if n_records is None else n_records
-    module, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, module, n_records)
+    lengths = None
+    if cfg.group_by_length:
+        # The first process of the node builds the lengths, the others wait on its lock and map them.
+        lengths = record_lengths(dataset.records, dataset.encoder.processor)
+    module, optimizer, scheduler, stream, total = prepare_training(
+        accelerator, cfg, module, n_records, lengths
+    )
     if accelerator.is_main_process:
         # What was read: for a mixture, each source, its size and the records drawn from it.
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
