@@ -215,7 +215,7 @@ def test_resident_memory_does_not_grow_with_the_record_count(tmp_path):
     assert sizes[100_000] - sizes[1_000] < 20, sizes
 
 
-def _train(command, data, out, models, verbalizers, steps=2):
+def _train(command, data, out, models, verbalizers, steps=2, extra=()):
     if command == "sft":
         args = ["sft", "--model", str(models["student"])]
     else:
@@ -231,7 +231,7 @@ def _train(command, data, out, models, verbalizers, steps=2):
             str(verbalizers["student"]),
         ]
     args += ["--data", str(data), "--out", str(out), "--max-steps", str(steps), "--batch-size", "2"]
-    return main([*args, "--save-every", "2", "--lr", "1e-3"])
+    return main([*args, "--save-every", "2", "--lr", "1e-3", *extra])
 
 
 @pytest.mark.slow  # a few sft and interact steps from each input kind
@@ -331,3 +331,20 @@ def test_group_by_length_trains_and_is_off_by_default(tmp_path, synth_data, tiny
     assert main([*args, "--out", str(tmp_path / "grouped"), "--group-by-length"]) == 0
     plain, grouped = (_rows(tmp_path / name / "train_log.jsonl") for name in ("plain", "grouped"))
     assert [r["step"] for r in grouped] == [1, 2] and plain[0]["loss"] != grouped[0]["loss"]
+
+
+@pytest.mark.slow  # a short training run
+def test_report_to_tensorboard_writes_the_loss_parts(tmp_path, synth_data, tiny_models, verbalizers):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    extra = ["--report-to", "tensorboard", "--log-every", "1"]
+    assert _train("interact", synth_data / "train.json", out, tiny_models, verbalizers, extra=extra) == 0
+    events = EventAccumulator(str(out / "tracker" / "interact"))  # the run's own folder (hparams: a sub-run)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "il", "ll", "ar", "lr", "tokens_per_s", "skipped"} <= tags, tags
+    logged = _rows(out / "train_log.jsonl")
+    assert [e.step for e in events.Scalars("il")] == [1, 2]
+    assert [e.value for e in events.Scalars("il")] == pytest.approx([r["il"] for r in logged])

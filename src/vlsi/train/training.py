@@ -39,12 +39,14 @@ from vlsi.train.runtime import (
     Batch,
     TrainingArgs,
     append_jsonl,
+    flat_row,
     global_response_tokens,
     global_token_mean,
     grad_sync,
     history_tail,
     names_step,
     next_batch,
+    open_tracker,
     optimizer_step,
     prepare_training,
     progress_bar,
@@ -155,6 +157,7 @@ def train(
     bar = progress_bar(accelerator, run.total, run.step, name)
     run.out.mkdir(parents=True, exist_ok=True)
     run.started, run_tokens = time.perf_counter(), 0
+    tracker = open_tracker(cfg, run.out, name) if accelerator.is_main_process else None
     while run.step < run.total:
         micro = [fetch(run.stream, run.dataset, pad_id) for _ in range(cfg.grad_accum)]
         sums, n_resp, tokens = _window(run, micro, micro_loss)
@@ -177,14 +180,22 @@ def train(
         bar.set_postfix(_postfix(row(run.history[-1:]), run, run_tokens))
         if accelerator.is_main_process and (run.step % cfg.log_every == 0 or run.step == run.total):
             recent = run.history[-cfg.log_every :]
-            append_jsonl(
-                run.log_file, {"step": run.step, **row(recent), "lr": run.scheduler.get_last_lr()[0]}
-            )
+            logged = {**row(recent), "lr": run.scheduler.get_last_lr()[0]}
+            append_jsonl(run.log_file, {"step": run.step, **logged})
+            if tracker is not None:
+                seconds = max(time.perf_counter() - run.started, 1e-9)
+                tracker.log(
+                    flat_row(logged)
+                    | {"tokens_per_s": run_tokens / seconds, "skipped": float(run.dataset.skips.total)},
+                    step=run.step,
+                )
         if after_step is not None:
             after_step(run.step)
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total:
             _save(run, saved)
     bar.close()
+    if tracker is not None:
+        tracker.finish()
 
 
 def _window(run: Run, micro: list[Batch], micro_loss: MicroLoss) -> tuple[torch.Tensor, torch.Tensor, int]:
