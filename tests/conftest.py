@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -13,6 +16,10 @@ from vlsi.model.tiny_models import build_tiny
 # count makes no difference; with another job on one core, torch's default of two threads made these tests
 # 1.7-2.4x slower (test_cli, test_chunked and test_backbone: 16-23 s instead of 9.5 s).
 torch.set_num_threads(1)
+
+# Built inputs (vlsi.data.store) go to a folder of this session, not the user's datasets cache; subprocesses
+# inherit it.
+os.environ.setdefault("VLSI_DATA_CACHE", tempfile.mkdtemp(prefix="vlsi-data-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -214,3 +214,18 @@ def test_max_pixels_keeps_large_images_and_the_skips_are_reported_before_trainin
     # The export reads images as the run did, with no option.
     assert json.loads((out / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 2304
     assert VLProcessor.from_pretrained(out).image_processor.size["longest_edge"] == 2304
+
+
+@pytest.mark.slow  # a subprocess
+def test_python_dash_m_vlsi_is_the_command():
+    """`python -m vlsi` (and so `accelerate launch -m vlsi`) runs the CLI; the docs launch it that way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "vlsi", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "interact" in done.stdout and "teacher-cache" in done.stdout
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "docs/cluster.md"):
+        assert "-m vlsi.run.cli" not in (root / doc).read_text(), doc

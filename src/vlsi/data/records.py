@@ -11,17 +11,21 @@ skipped with a warning naming it and counted, so a long run never dies on one re
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from vlsi.data.processing import VLProcessor
+from vlsi.data.store import DataFileError, Records
 from vlsi.losses.tokens import IGNORE_INDEX
 
 # Records encoded before training, spread over the file, to report the share that will be skipped and why.
@@ -34,10 +38,6 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 log = logging.getLogger("vlsi.data.records")
 
 
-class DataFileError(ValueError):
-    """The file as a whole cannot be read."""
-
-
 class RecordError(ValueError):
     """One record cannot be used; it is skipped and counted under ``reason`` (a fixed label, while the
     message names the specific file, turn or count)."""
@@ -48,7 +48,8 @@ class RecordError(ValueError):
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Reads a JSON list or JSONL file; fails with the line number on invalid JSON."""
+    """Reads a whole JSON list or JSONL file into memory; fails with the line number on invalid JSON. Small
+    files and tools only: training reads every input through :class:`vlsi.data.store.Records`."""
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file")
@@ -77,16 +78,43 @@ def record_name(record, index: int) -> str:
     return f"record {index}" + (f" (id {rid!r})" if rid is not None else "")
 
 
-def image_paths(record: dict, base: Path) -> list[Path]:
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image stored inside the data (a ``{"bytes", "path"}`` struct, as ``datasets.Image`` keeps it)."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return f"<{len(self.data)} bytes{' of ' + self.name if self.name else ''}>"
+
+
+def _image_item(item, base: Path) -> Path | ImageBytes | None:
+    if isinstance(item, str) and item:
+        return base / item
+    if isinstance(item, dict):
+        if isinstance(item.get("bytes"), bytes | bytearray) and item["bytes"]:
+            return ImageBytes(bytes(item["bytes"]), item.get("path") or "")
+        if isinstance(item.get("path"), str) and item["path"]:
+            return base / item["path"]
+    return None
+
+
+def image_paths(record: dict, base: Path) -> list[Path | ImageBytes]:
+    """The record's images: files under ``base``, or bytes stored in the record itself."""
     if not isinstance(record, dict):
         raise RecordError("record is not a JSON object")
     image = record.get("image")
     if image is None:
         return []
-    items = image if isinstance(image, list) else [image]
-    if not all(isinstance(p, str) and p for p in items):
-        raise RecordError(f"'image' must be a path or a list of paths, got {image!r}", "bad image field")
-    return [base / p for p in items]
+    items = [_image_item(p, base) for p in (image if isinstance(image, list) else [image])]
+    if any(p is None for p in items):
+        shown = repr(image) if len(repr(image)) < 200 else repr(image)[:200] + "..."
+        raise RecordError(
+            f"'image' must be a path, a {{'bytes', 'path'}} struct or a list of them, got {shown}",
+            "bad image field",
+        )
+    return items
 
 
 def unanswered(record) -> bool:
@@ -161,11 +189,11 @@ def _content_parts(text: str) -> list[dict]:
     return parts
 
 
-def load_images(paths: list[Path]) -> list[Image.Image]:
+def load_images(paths: list[Path | ImageBytes]) -> list[Image.Image]:
     images = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(p.data) if isinstance(p, ImageBytes) else p) as im:
                 images.append(im.convert("RGB"))
         except FileNotFoundError:
             raise RecordError(f"image not found: {p}", "image not found") from None
@@ -275,11 +303,15 @@ class SkipLog:
 
 
 class ChatDataset(torch.utils.data.Dataset):
-    """Lazily encoded records; a bad record yields None (and is logged and counted)."""
+    """Lazily encoded records; a bad record yields None (and is logged and counted).
+
+    ``path``: any input :class:`vlsi.data.store.Records` reads (LLaVA JSON / JSONL, parquet, a
+    ``save_to_disk`` folder, a mixture YAML). The records stay on disk, memory-mapped; ``records[i]``
+    reads one."""
 
     def __init__(self, path: str | Path, encoder: Encoder, image_root: str | Path | None = None):
         self.path = Path(path)
-        self.records = load_records(self.path)
+        self.records = Records(self.path, image_root)
         self.base = Path(image_root) if image_root else self.path.parent
         self.encoder = encoder
         self.skips = SkipLog()
@@ -290,7 +322,7 @@ class ChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | None:
         record = self.records[index]
         try:
-            return self.encoder.encode(record, self.base)
+            return self.encoder.encode(record, self.records.base(index))
         except RecordError as e:
             self.skips.skip(str(self.path), index, record, e)
             return None
@@ -338,6 +370,81 @@ def skip_report(scan: dict, total: int, max_length: int) -> str:
             "12.8 MP by default): lower --max-pixels or raise --max-length"
         )
     return "\n".join(lines)
+
+
+def _image_size(item: Path | ImageBytes) -> tuple[int, int] | None:
+    """An image's size from its header: nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(item.data) if isinstance(item, ImageBytes) else item) as im:
+            return im.size
+    except Exception:  # a missing or broken image: the record is skipped when it is read
+        return None
+
+
+def record_lengths(records: Records, processor: VLProcessor, chunk: int = 1024) -> np.ndarray:
+    """Each record's token count, image tokens included, for grouping batches by length: built once per
+    input and processor (memory-mapped after). The image tokens follow the processor's own rule applied to
+    a blank image of each size (read from the file's header; memoised per size), the text is the turns'
+    tokens plus a few per turn for the chat template: close enough to group by, never used as a length."""
+    identity = json.dumps(
+        [processor.model_type, str(processor.tokenizer.name_or_path), len(processor.tokenizer),
+         processor.image_processor.to_json_string()]
+    )  # fmt: skip
+    per_sizes: dict[tuple, int] = {}
+
+    def image_tokens(sizes: tuple) -> int:
+        if sizes not in per_sizes:
+            blank = [Image.new("RGB", size) for size in sizes]
+            try:
+                per_sizes[sizes] = sum(processor.image_token_counts(processor.process_images(blank)))
+            except ValueError:  # the processor refuses the size: the record will be skipped
+                per_sizes[sizes] = 0
+        return per_sizes[sizes]
+
+    def build(tmp: Path) -> None:
+        out = np.zeros(len(records), np.int32)
+        for start in range(0, len(records), chunk):
+            texts, extra = [], []
+            for i in range(start, min(start + chunk, len(records))):
+                record = records[i]
+                turns = record.get("conversations") if isinstance(record, dict) else None
+                turns = turns if isinstance(turns, list) else []
+                texts.append(
+                    "\n".join(
+                        t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
+                    )
+                )
+                try:
+                    sizes = tuple(_image_size(p) for p in image_paths(record, records.base(i)))
+                except RecordError:
+                    sizes = ()
+                extra.append(4 * len(turns) + (image_tokens(sizes) if sizes and None not in sizes else 0))
+            ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            out[start : start + len(texts)] = [len(t) + e for t, e in zip(ids, extra, strict=True)]
+        with tmp.open("wb") as f:
+            np.save(f, out)
+
+    return records.cached_array("lengths-" + hashlib.sha256(identity.encode()).hexdigest()[:16], build)
+
+
+def grouped_permutation(lengths: np.ndarray, span: int, g: torch.Generator, groups: int = 64) -> torch.Tensor:
+    """A random order whose consecutive ``span``-sized runs hold records of similar length: the shuffled
+    records are cut into groups of ``groups`` spans, each group sorted by length and cut into spans, and the
+    whole spans shuffled again (the remainder, less than a span, goes last, where an epoch drops it)."""
+    n = len(lengths)
+    perm = torch.randperm(n, generator=g)
+    by_length = torch.as_tensor(np.asarray(lengths, dtype=np.int64))[perm]
+    pieces = []
+    for start in range(0, n, span * groups):
+        chunk = perm[start : start + span * groups]
+        # Stable, longest first: ties keep the random order, so the result depends on the seed alone.
+        order = torch.sort(by_length[start : start + span * groups], descending=True, stable=True).indices
+        pieces.append(chunk[order])
+    ordered = torch.cat(pieces)
+    whole = n // span * span
+    spans = ordered[:whole].reshape(-1, span)
+    spans = spans[torch.randperm(len(spans), generator=g)]
+    return torch.cat([spans.reshape(-1), ordered[whole:]])
 
 
 def collate(items: list[dict | None], pad_id: int, padding_side: str = "right") -> dict | None:
@@ -390,6 +497,8 @@ class BatchStream:
     world: int = 1
     epoch: int = 0
     cursor: int = 0
+    # Each record's length: when given, each step's records are of similar length (grouped_permutation).
+    lengths: np.ndarray | None = None
 
     def __post_init__(self):
         if self.size < self.batch_size * self.world:
@@ -401,7 +510,10 @@ class BatchStream:
     def _permutation(self) -> torch.Tensor:
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            self._perm = torch.randperm(self.size, generator=g)
+            if self.lengths is None:
+                self._perm = torch.randperm(self.size, generator=g)
+            else:
+                self._perm = grouped_permutation(self.lengths[: self.size], self.batch_size * self.world, g)
             self._perm_epoch = self.epoch
         return self._perm
 

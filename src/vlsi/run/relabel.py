@@ -8,7 +8,6 @@ on. A multi-turn record is answered turn by turn, each turn conditioned on the m
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def relabel(
         model = load_model(model_path, dtype=torch.float32).eval()
     encoder = Encoder(processor, max_length)
     dataset = ChatDataset(data, encoder, image_root)
-    records = copy.deepcopy(dataset.records)
+    records = list(dataset.records)  # each read is a fresh dict, ours to change
     turns = [_assistant_turns(r) for r in records]
     dropped: set[int] = set()
     for k in range(max((len(t) for t in turns), default=0)):

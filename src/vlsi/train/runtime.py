@@ -125,6 +125,21 @@ class TrainingArgs:
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = off)"})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment tracker through accelerate: tensorboard (files in OUT/tracker), wandb, mlflow "
+            "or none; the logged rows (every loss part, lr) go there too"
+        },
+    )
+    # Off unless asked (the real runs' recipes ask): the tiny setting's numbers depend on today's order.
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "batches of records of similar token count (image tokens included), shuffled in groups: "
+            "little padding; the recipes turn it on"
+        },
+    )
     max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
     precision: str = field(
         default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
@@ -165,14 +180,17 @@ class VerbalizedLossArgs(TrainingArgs):
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.
-BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every")
+BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every", "report_to")
 # Options added after runs could have started; left out of the fingerprint while unset, so that a checkpoint
 # written before they existed still resumes.
 ADDED_UNSET = ("min_pixels", "max_pixels")
 
 
-def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int):
-    """AdamW + schedule over ``module``'s trainable parameters and the data order, prepared by accelerate.
+def prepare_training(
+    accelerator: Accelerator, cfg: TrainingArgs, module: torch.nn.Module, n_records: int, lengths=None
+):
+    """AdamW + schedule over ``module``'s trainable parameters and the data order (grouped by ``lengths``
+    when given), prepared by accelerate.
 
     Returns (module, optimizer, scheduler, stream, total_steps).
     """
@@ -185,7 +203,9 @@ def prepare_training(accelerator: Accelerator, cfg: TrainingArgs, module: torch.
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    stream = BatchStream(n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world)
+    stream = BatchStream(
+        n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world, lengths=lengths
+    )
     return module, optimizer, scheduler, stream, total
 
 
@@ -292,6 +312,41 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+
+
+def open_tracker(cfg: TrainingArgs, out: Path, name: str):
+    """The run's accelerate tracker (``--report-to``), started; None for ``none``. Main process only."""
+    if cfg.report_to not in TRACKERS:
+        raise ValueError(f"--report-to {cfg.report_to!r}: expected one of {', '.join(TRACKERS)}")
+    if cfg.report_to == "none":
+        return None
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    cls = LOGGER_TYPE_TO_CLASS[cfg.report_to]
+    tracker = (
+        cls(name, logging_dir=str(out / "tracker")) if cfg.report_to != "wandb" else cls(name, dir=str(out))
+    )
+    tracker.start()
+    tracker.store_init_configuration(
+        {k: v for k, v in asdict(cfg).items() if v is None or isinstance(v, int | float | str | bool)}
+    )
+    return tracker
+
+
+def flat_row(row: dict) -> dict:
+    """A logged row as scalars: a per-part or per-layer dict becomes ``loss/il``, ``loss/6``, ..."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat |= {f"{key}/{sub}": float(v) for sub, v in value.items() if isinstance(v, int | float)}
+        elif isinstance(value, list):
+            flat |= {f"{key}/{i}": float(v) for i, v in enumerate(value) if isinstance(v, int | float)}
+        elif isinstance(value, int | float):
+            flat[key] = float(value)
+    return flat
 
 
 def history_tail(history: list, cfg: TrainingArgs) -> list:

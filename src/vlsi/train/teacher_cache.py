@@ -36,7 +36,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlsi.data.records import ChatDataset, collate, load_records, record_name
+from vlsi.data.records import ChatDataset, collate, record_name
+from vlsi.data.store import Records
 from vlsi.losses.sparse import SparseDist
 from vlsi.losses.tokens import count_response_tokens
 from vlsi.losses.vocab import SharedVocab
@@ -78,16 +79,29 @@ def _sha(data: bytes) -> str:
 
 
 def file_sha(path: str | Path) -> str:
+    """A file's digest; a folder's (parquet shards, ``save_to_disk``) covers each file's name and bytes."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
+
+
+def _bytes_digest(value):
+    """Images stored in the data (parquet, save_to_disk) enter a record's hash by their digest."""
+    if isinstance(value, bytes | bytearray):
+        return "sha256:" + hashlib.sha256(value).hexdigest()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def record_hash(record) -> torch.Tensor:
     """8 bytes of the record's JSON, key order ignored: names the records a changed data file changed."""
-    blob = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+    blob = json.dumps(record, sort_keys=True, ensure_ascii=False, default=_bytes_digest).encode()
     return torch.frombuffer(bytearray(hashlib.sha256(blob).digest()[:8]), dtype=torch.uint8)
 
 
@@ -192,10 +206,12 @@ class TeacherCache:
             raise ValueError(f"teacher cache {self.root} does not fit this run:\n  " + "\n  ".join(problems))
 
     def _changed_records(self, data: str | Path, limit: int = 5) -> str:
-        records = load_records(data)
+        records = Records(data)
         cached = torch.cat([self._shard_meta(s)["record_hash"] for s in range(self.index["shards"])])
         changed = [
-            i for i, r in enumerate(records[: len(cached)]) if not torch.equal(record_hash(r), cached[i])
+            i
+            for i in range(min(len(records), len(cached)))
+            if not torch.equal(record_hash(records[i]), cached[i])
         ]
         named = ", ".join(record_name(records[i], i) for i in changed[:limit])
         more = f" and {len(changed) - limit} more" if len(changed) > limit else ""

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from vlsi.data.records import BatchStream, ChatDataset, scan_skips, skip_report
+from vlsi.data.records import BatchStream, ChatDataset, record_lengths, scan_skips, skip_report
 from vlsi.train.checkpointing import CheckpointManager
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import (
@@ -40,12 +40,14 @@ from vlsi.train.runtime import (
     TrainingArgs,
     append_jsonl,
     check_finite,
+    flat_row,
     global_response_tokens,
     global_token_mean,
     grad_sync,
     history_tail,
     names_step,
     next_batch,
+    open_tracker,
     optimizer_step,
     prepare_training,
     progress_bar,
@@ -104,7 +106,17 @@ def prepare_run(
     n_records = len(dataset) if n_records is None else n_records
     if accelerator.is_main_process:
         print(skip_report(scan_skips(dataset, n=n_records), n_records, cfg.max_length), flush=True)
-    module, optimizer, scheduler, stream, total = prepare_training(accelerator, cfg, module, n_records)
+    lengths = None
+    if cfg.group_by_length:
+        # The first process of the node builds the lengths, the others wait on its lock and map them.
+        lengths = record_lengths(dataset.records, dataset.encoder.processor)
+    module, optimizer, scheduler, stream, total = prepare_training(
+        accelerator, cfg, module, n_records, lengths
+    )
+    if accelerator.is_main_process:
+        # What was read: for a mixture, each source, its size and the records drawn from it.
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "data.json").write_text(json.dumps(dataset.records.describe(), indent=2))
     return Run(accelerator, cfg, Path(cfg.out), module, optimizer, scheduler, stream, dataset, total)
 
 
@@ -153,6 +165,7 @@ def train(
     bar = progress_bar(accelerator, run.total, run.step, name)
     run.out.mkdir(parents=True, exist_ok=True)
     run.started, run_tokens = time.perf_counter(), 0
+    tracker = open_tracker(cfg, run.out, name) if accelerator.is_main_process else None
     while run.step < run.total:
         micro = [fetch(run.stream, run.dataset, pad_id) for _ in range(cfg.grad_accum)]
         sums, n_resp, tokens = _window(run, micro, micro_loss)
@@ -175,14 +188,22 @@ def train(
         bar.set_postfix(_postfix(row(run.history[-1:]), run, run_tokens))
         if accelerator.is_main_process and (run.step % cfg.log_every == 0 or run.step == run.total):
             recent = run.history[-cfg.log_every :]
-            append_jsonl(
-                run.log_file, {"step": run.step, **row(recent), "lr": run.scheduler.get_last_lr()[0]}
-            )
+            logged = {**row(recent), "lr": run.scheduler.get_last_lr()[0]}
+            append_jsonl(run.log_file, {"step": run.step, **logged})
+            if tracker is not None:
+                seconds = max(time.perf_counter() - run.started, 1e-9)
+                tracker.log(
+                    flat_row(logged)
+                    | {"tokens_per_s": run_tokens / seconds, "skipped": float(run.dataset.skips.total)},
+                    step=run.step,
+                )
         if after_step is not None:
             after_step(run.step)
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total:
             _save(run, saved)
     bar.close()
+    if tracker is not None:
+        tracker.finish()
 
 
 def _window(run: Run, micro: list[Batch], micro_loss: MicroLoss) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -244,6 +265,7 @@ def summary(run: Run, records: int, **fields) -> dict:
         **fields,
         "seconds": round(time.perf_counter() - run.started, 1),
         "records": records,
+        "data": run.dataset.records.describe(),
         **run.dataset.skips.summary(),
     }
 
