@@ -176,7 +176,8 @@ def _die_with_parent() -> None:
 
 def train_bases(configs: dict[str, SFTConfig], root: Path, poll_s: float = 30.0) -> None:
     """Trains the bases side by side, each in its own process on one thread, so the first run takes the
-    longer base's time rather than the sum, and the result does not depend on the machine's core count.
+    longer base's time rather than the sum, and their training does not depend on the machine's core count
+    (stage 0 and steps 1-3 run in this process, on torch's default threads).
 
     Each process resumes from its own checkpoints after an interruption; its output goes to
     ``ROOT/NAME_sft.log``, and a line every ``poll_s`` seconds reports each base's learning curve.
