@@ -33,6 +33,7 @@ from vlsi.model.backbone import Backbone
 from vlsi.model.loading import load_model
 from vlsi.model.verbalizer import Verbalizers
 from vlsi.train.engines import (
+    NeedsConversion,
     load_frozen_sharded,
     load_frozen_verbalizers_sharded,
     shard_frozen_layers,
@@ -122,25 +123,36 @@ def main(
             out["export_diff"] = max((exported[k] - v).abs().max().item() for k, v in whole_state.items())
     out["sharded_after_export"] = all(hasattr(p, "to_local") for p in sharded.layers[0].parameters())
 
-    # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded), its verbalizers too
-    # (engines.load_frozen_verbalizers_sharded): the same weights and logits.
-    loaded = load_frozen_sharded(teacher, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
-    read = Backbone(loaded)
-    got = read_all(
-        read, load_frozen_verbalizers_sharded(verbalizers, read, torch.float32, torch.device("cpu")), batch
-    )
-    out["loaded_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
-    out["loaded_shard_fraction"] = sum(p.to_local().numel() for p in read.layers[0].parameters()) / sum(
-        p.numel() for p in read.layers[0].parameters()
-    )
-    with whole_weights(accelerator, loaded):
-        if dist.get_rank() == 0:
-            state = loaded.state_dict()
-            out["loaded_export_diff"] = max((state[k] - v).abs().max().item() for k, v in whole_state.items())
-            out["loaded_buffers_equal"] = all(
-                torch.equal(b, dict(whole.model.named_buffers())[k]) for k, b in loaded.named_buffers()
-            )
-    out["tied_export_diff"] = _tied_head_loads_the_same(teacher, Path(result).with_name("tied"), accelerator)
+    try:
+        loaded_directly = load_frozen_sharded(teacher, torch.float32, torch.device("cpu"))
+    except NeedsConversion as e:  # fused experts: engines.load_frozen loads whole, then shards
+        loaded_directly, out["loaded_skipped"] = None, str(e)
+    if loaded_directly is not None:
+        # Built sharded from the checkpoint, never whole (engines.load_frozen_sharded), its verbalizers too
+        # (engines.load_frozen_verbalizers_sharded): the same weights and logits.
+        loaded = loaded_directly.eval().requires_grad_(False)
+        read = Backbone(loaded)
+        got = read_all(
+            read,
+            load_frozen_verbalizers_sharded(verbalizers, read, torch.float32, torch.device("cpu")),
+            batch,
+        )
+        out["loaded_max_diff"] = max((got[k] - want[k]).abs().max().item() for k in want)
+        out["loaded_shard_fraction"] = sum(p.to_local().numel() for p in read.layers[0].parameters()) / sum(
+            p.numel() for p in read.layers[0].parameters()
+        )
+        with whole_weights(accelerator, loaded):
+            if dist.get_rank() == 0:
+                state = loaded.state_dict()
+                out["loaded_export_diff"] = max(
+                    (state[k] - v).abs().max().item() for k, v in whole_state.items()
+                )
+                out["loaded_buffers_equal"] = all(
+                    torch.equal(b, dict(whole.model.named_buffers())[k]) for k, b in loaded.named_buffers()
+                )
+        out["tied_export_diff"] = _tied_head_loads_the_same(
+            teacher, Path(result).with_name("tied"), accelerator
+        )
     if student:
         learner = load_student(student, student_verbalizers)
         out["loss_whole"] = step2_loss(whole, Verbalizers.load(verbalizers, whole), learner, batch)

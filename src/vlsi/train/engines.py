@@ -9,11 +9,14 @@ be sharded but never stepped (the 72B teacher) is left to us, as TRL does for it
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+
+log = logging.getLogger("vlsi.train.engines")
 
 
 def configure_deepspeed(accelerator: Accelerator, cfg) -> None:
@@ -137,6 +140,11 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, layers: tor
     return model.to(accelerator.device)
 
 
+class NeedsConversion(ValueError):
+    """A checkpoint whose tensors are not the model's by renaming alone (fused or split tensors, as a mixture
+    of experts' fused experts): it cannot be read row by row into shards."""
+
+
 def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype) -> nn.Module:
     """A frozen model (step 1's backbone, step 2's teacher), in eval mode without gradients.
 
@@ -144,13 +152,17 @@ def load_frozen(accelerator: Accelerator, path: str, dtype: torch.dtype) -> nn.M
     its share of the decoder layers and the parts kept whole. Elsewhere ``from_pretrained`` loads it whole
     on each process (DDP and ZeRO-1/2 hold it whole anyway; ZeRO-3 is refused before this).
     """
-    if accelerator.distributed_type == DistributedType.FSDP:
-        model = load_frozen_sharded(path, dtype, accelerator.device)
-    else:
-        from vlsi.model.loading import load_model
+    from vlsi.model.loading import load_model
 
-        with whole_load(accelerator):
-            model = load_model(path, dtype=dtype)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        try:
+            return load_frozen_sharded(path, dtype, accelerator.device).eval().requires_grad_(False)
+        except NeedsConversion as e:
+            # Loaded whole, then sharded by prepare_frozen: correct, but each process holds the whole model
+            # in host RAM while it loads.
+            log.warning("%s: %s; loading it whole on every process, then sharding", path, e)
+    with whole_load(accelerator):
+        model = load_model(path, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -230,7 +242,9 @@ def _checkpoint_names(model: nn.Module, checkpoint) -> dict[str, str]:
         if key not in wanted and stored in wanted:
             key, converter = rename_source_key(stored, [], [], prefix, wanted)
         if converter is not None:
-            raise ValueError(f"checkpoint tensor {stored!r} needs a weight conversion, not read sharded here")
+            raise NeedsConversion(
+                f"checkpoint tensor {stored!r} needs a weight conversion, not read sharded here"
+            )
         if key in wanted:
             out[key] = stored
     return out
