@@ -201,15 +201,18 @@ def chart(summary: dict, path: Path, split: str = "test") -> None:
     plt = _pyplot()
     names = [n for n in summary if split in summary[n]]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.8))
-    for i, (key, label) in enumerate(
-        (("vlsi_minus_sft", "VLsI − SFT"), ("kd_minus_sft", "final-layer KD − SFT"))
-    ):
-        xs = [k + (i - 0.5) * 0.38 for k in range(len(names))]
+    bars = (
+        ("vlsi_minus_sft", "VLsI − SFT"),
+        ("kd_minus_sft", "final-layer KD − SFT"),
+        ("step2_minus_sft", "VLsI after step 2 alone − SFT"),
+    )
+    for i, (key, label) in enumerate(bars):
+        xs = [k + (i - 1) * 0.27 for k in range(len(names))]
         values = [summary[n][split][key] for n in names]
         ax.bar(
             xs,
             [v[0] for v in values],
-            0.38,
+            0.27,
             yerr=[0 if math.isnan(v[1]) else v[1] for v in values],
             label=label,
         )
