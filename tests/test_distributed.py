@@ -338,9 +338,11 @@ def test_fsdp2_each_process_holds_the_parameter_bytes_vlsi_plan_estimates(fsdp_p
 
 
 def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
-    """Each process's peak RSS while the teacher and its verbalizers load grows by what it keeps of them (its
-    half of the decoder layers and of the verbalizers, the whole embeddings, head and vision tower) plus a
-    fixed 32 MiB, not by the whole teacher (129 MB here, 22 MB of verbalizers)."""
+    """Each process's peak RSS while the teacher and its verbalizers load grows by less than the whole teacher
+    and its verbalizers (129 + 22 MB here), which a whole load needs at least (188-220 MB were measured before
+    the sharded load): what it keeps (its half of the decoder layers and of the verbalizers, the whole
+    embeddings, head and vision tower; 77 MB) plus the allocator's and the libraries' own growth, which
+    measured 14-37 MB (a fixed 32 MiB allowance failed on a clean clone at 37)."""
     from vlsi.model.verbalizer import WEIGHTS_FILE
     from vlsi.run.plan import summarize
 
@@ -352,7 +354,7 @@ def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
         kept = seen["resident"]["teacher"] + seen["resident"]["teacher_verbalizers"]
         assert kept < 0.55 * (teacher_bytes + verbalizer_file)
         grew = seen["teacher_load"]["peak"] - seen["teacher_load"]["rss_before"]
-        assert grew < kept + 32 * 2**20, (grew, kept)
+        assert kept < grew < teacher_bytes + verbalizer_file, (grew, kept, teacher_bytes + verbalizer_file)
 
 
 @pytest.fixture(scope="module")
