@@ -354,7 +354,7 @@ def test_fsdp2_no_process_holds_the_whole_teacher_in_host_ram(fsdp_probe):
         kept = seen["resident"]["teacher"] + seen["resident"]["teacher_verbalizers"]
         assert kept < 0.55 * (teacher_bytes + verbalizer_file)
         grew = seen["teacher_load"]["peak"] - seen["teacher_load"]["rss_before"]
-        assert kept < grew < teacher_bytes + verbalizer_file, (grew, kept, teacher_bytes + verbalizer_file)
+        assert grew < teacher_bytes + verbalizer_file, (grew, kept, teacher_bytes + verbalizer_file)
 
 
 @pytest.fixture(scope="module")
