@@ -29,12 +29,12 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import yaml
-from ablation import _link, _run
+from ablation import MATCHING, _link, _run
 
 from vlsi.data.digits import DigitsConfig, generate
 from vlsi.run.distill import TINY_PRESET
@@ -43,7 +43,10 @@ from vlsi.run.figures import _pyplot
 from vlsi.run.relabel import relabel
 
 NEW_IMAGES = 4800  # one epoch of the preset's 150 steps x 32
-# regime -> the distillation set's options (None: the student's own set)
+STEP1 = ("step1_teacher_verbalizers", "step1_student_verbalizers")
+# regime -> the distillation set's options (None: the student's own set). A variant (``from``) trains on
+# its source regime's set with ``interact`` overrides and links the stages it shares with the same seed of
+# the source (``link``): they would compute the same thing, so the rows differ only in what they vary.
 REGIMES: dict[str, dict | None] = {
     "own": None,
     "new": {},
@@ -55,8 +58,38 @@ REGIMES: dict[str, dict | None] = {
     "teacher": {"labels": "teacher"},
     # 30% wrong answers for steps 1-2 and the SFT control; VLsI's step 3 (and the KD control's) on the
     # teacher's answers to the same images: the step-3 variant the paper allows where labels are bad.
-    "noise30_t3": {"noise": 0.3, "step3": "teacher"},
+    "noise30_t3": {
+        "from": "noise30",
+        "step3": "teacher",
+        "link": (*STEP1, "step2_interact", "control_sft", "control_kd_step2"),
+    },
+    # On-policy step 2 (``interact --lmbda P``): VLsI and, in the KD control, GKD; the SFT control is shared.
+    **{
+        f"{source}_p{tag}": {"from": source, "interact": {"lmbda": p}, "link": (*STEP1, "control_sft")}
+        for source in ("own", "noise30")
+        for tag, p in (("05", 0.5), ("1", 1.0))
+    },
+    # The paper's ablation rows on the default set: only step 2's matching or operations change, so both
+    # controls are shared (final-layer KD is il=none, ll=kld whatever the matching).
+    **{
+        f"own:{name}": {
+            "from": "own",
+            "interact": overrides,
+            "link": (*STEP1, "control_sft", "control_kd_step2", "control_kd"),
+        }
+        for name, overrides in {
+            **{k: v for k, v in MATCHING.items() if k not in ("random", "uniform")},
+            **{
+                "il=ce": {"il": "ce"},
+                "il=l2": {"il": "l2"},
+                "ll=ce": {"ll": "ce"},
+                "ll=none": {"ll": "none"},
+            },
+        }.items()
+    },
 }
+# What a regime name says about its data, not how it trains on it.
+VARIANT_KEYS = ("from", "interact", "link", "step3", "labels")
 ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
 
 
@@ -69,9 +102,11 @@ def regime_data(out: Path, bases: Path, name: str, seed: int, new_images: int = 
     options = REGIMES[name]
     if options is None:
         return bases / "data" / "train.json"
+    if "from" in options:
+        return regime_data(out, bases, options["from"], seed, new_images)
     labels = options.get("labels", "data")
-    data_options = {k: v for k, v in options.items() if k not in ("labels", "step3")}
-    root = out / "data" / (name.removesuffix("_t3") if labels == "data" else "new")
+    data_options = {k: v for k, v in options.items() if k not in VARIANT_KEYS}
+    root = out / "data" / (name if labels == "data" else "new")
     if not (root / "distill.json").exists():
         # The bases' test and validation images are regenerated (same seed, same streams) so the new images
         # avoid their digit combinations.
@@ -113,14 +148,24 @@ def run_regime(
     data: tuple[Path, Path | None],
     threads: int,
     extra: list[str],
+    source: Future | None = None,
 ) -> Path:
-    """One seed of one regime; ``data`` is its distillation file and step 3's own file (None: the same)."""
+    """One seed of one regime; ``data`` is its distillation file and step 3's own file (None: the same).
+    A variant waits for its ``source`` run of the same seed, then links the stages it shares with it; a
+    stage the source has not finished (or a source not in the sweep) is trained here instead."""
+    options = REGIMES[name] or {}
     root = out / name / f"seed{seed}"
     for sub in ("eval", "eval_val"):
         for key in ("teacher", "student_base"):
             _link(shared / sub / key, root / sub / key)
     if (root / "results.json").exists():
         return root
+    if source is not None:
+        source.result()
+    for stage in options.get("link", ()):
+        done = out / options["from"] / f"seed{seed}" / stage
+        if (done / "train_summary.json").exists():
+            _link(done, root / stage)
     config = {
         "out": str(root),
         "teacher": str(bases / "teacher_sft"),
@@ -132,7 +177,8 @@ def run_regime(
         "seed": seed,
         "controls": True,
         "score": "number",
-        **{k: TINY_PRESET[k] for k in ("verbalize", "interact", "sft")},
+        **{k: TINY_PRESET[k] for k in ("verbalize", "sft")},
+        "interact": {**TINY_PRESET["interact"], **options.get("interact", {})},
     }
     path = root / "regime.yaml"
     root.mkdir(parents=True, exist_ok=True)
@@ -240,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of steps 1-3 and the controls")
     parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = cores / jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per run: a run's numbers depend on it (reduction order), so it is fixed, not "
+        "derived from --jobs",
+    )
     parser.add_argument(
         "--summarize", action="store_true", help="train nothing: the map of the runs already finished"
     )
@@ -252,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     regimes = [r.strip() for r in args.regimes.split(",")]
     if unknown := [r for r in regimes if r not in REGIMES]:
         raise SystemExit(f"unknown regimes {unknown}; choose from {list(REGIMES)}")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads
     t0 = time.perf_counter()
     if args.summarize:
         return write_summary(args.out, seeds, regimes, t0)
@@ -272,14 +324,21 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {name: files(name) for name in regimes}
     shared = shared_eval(args.out, bases)
-    # Seed-major order: every regime gets its first seeds before any gets its last.
+    # Seed-major order, regimes before their variants: every regime gets its first seeds before any gets its
+    # last, and a variant's source is submitted (so started) before it, which waits for it.
+    jobs: dict[tuple[str, int], Future] = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [
-            pool.submit(run_regime, args.out, bases, shared, name, seed, data[name], threads, extra)
-            for seed in seeds
-            for name in regimes
-        ]
-        for job in jobs:
+        for variants in (False, True):
+            for seed in seeds:
+                for name in regimes:
+                    options = REGIMES[name] or {}
+                    if ("from" in options) != variants:
+                        continue
+                    source = jobs.get((options.get("from", ""), seed))
+                    jobs[name, seed] = pool.submit(
+                        run_regime, args.out, bases, shared, name, seed, data[name], threads, extra, source
+                    )
+        for job in jobs.values():
             job.result()
     return write_summary(args.out, seeds, regimes, t0)
 

@@ -44,9 +44,10 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     regimes = _load("regimes", monkeypatch)
     out = tmp_path / "map"
     args = ["--out", str(out), "--bases", str(bases), "--seeds", "0,1", "--new-images", "6"]
-    assert regimes.main([*args, "--regimes", "own,noise50,teacher,noise30_t3", *STEPS]) == 0
+    chosen = ["noise30_t3", "own_p1", "own", "noise30", "teacher"]  # variants first: they wait for sources
+    assert regimes.main([*args, "--regimes", ",".join(chosen), "--jobs", "2", *STEPS]) == 0
     summary = json.loads((out / "regimes.json").read_text())["regimes"]
-    assert set(summary) == {"own", "noise50", "teacher", "noise30_t3"}
+    assert set(summary) == set(chosen)
     # Step 3 on the teacher's answers where the distillation set's are noisy; the SFT control keeps the noisy.
     resolved = yaml.safe_load((out / "noise30_t3" / "seed0" / "distill_config.yaml").read_text())
     assert resolved["train_data"].endswith("noise30/distill.json")
@@ -62,13 +63,22 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
         name: json.loads((out / name / "seed0" / "control_sft" / "train_summary.json").read_text())["records"]
         for name in summary
     }
-    assert records["own"] == 16 and records["noise50"] == 6
+    assert records["own"] == 16 and records["noise30"] == 6
     assert 0 < records["teacher"] <= 6  # a record the teacher answers with nothing is dropped and counted
-    assert (out / "regimes.png").stat().st_size > 1000 and "| noise50 | 2 |" in (
+    assert (out / "regimes.png").stat().st_size > 1000 and "| noise30 | 2 |" in (
         out / "regimes.md"
     ).read_text()
     # Teacher and student base were scored once and linked into every run.
     assert (out / "own" / "seed1" / "eval" / "teacher").is_symlink()
+    # A variant links what it shares with its source's run of the same seed and trains the rest.
+    for seed in (0, 1):
+        t3, p1 = out / "noise30_t3" / f"seed{seed}", out / "own_p1" / f"seed{seed}"
+        assert (t3 / "step2_interact").resolve() == (
+            out / "noise30" / f"seed{seed}" / "step2_interact"
+        ).resolve()
+        assert not (t3 / "step3_sft").is_symlink() and not (t3 / "control_kd").is_symlink()
+        assert (p1 / "control_sft").is_symlink() and not (p1 / "control_kd_step2").is_symlink()
+        assert yaml.safe_load((p1 / "distill_config.yaml").read_text())["interact"]["lmbda"] == 1.0
 
 
 @pytest.mark.slow
