@@ -12,10 +12,16 @@ it (``vlsi distill --config`` with ``controls: true``) with the tiny preset's bu
 - ``teacher``: the same images without answers: every step trains on the teacher base's greedy
   answers (sequence-level KD's data; step 2 itself needs no labels).
 
+Variants train on a regime's set and change one thing: ``noise30_t3`` (step 3 on the teacher's answers),
+``own_p05`` / ``own_p1`` / ``noise30_p05`` / ``noise30_p1`` (on-policy step 2, ``interact --lmbda``; the KD
+control becomes GKD), and ``own:<row>``, the paper's ablation rows on the default set (step 2's layer
+matching, its intermediate-layer operation ``il`` and last-layer operation ``ll``).
+
 Every model is scored on the last number it writes (``score: number``), on the validation split (for
 choosing) and the test split (for reporting). Prints, and writes to ``OUT/regimes.md`` / ``.json`` /
-``.png``, VLsI - SFT and KD - SFT per regime as mean ± standard error over the seeds. Finished runs
-are skipped, so a killed sweep resumes.
+``.png``, VLsI - SFT and KD - SFT per regime as mean ± standard error over the seeds (three tables:
+regimes, on-policy, ablation). Finished runs are skipped, so a killed sweep resumes. Every run has one
+torch thread (``--threads``): sums in another order train a slightly different model.
 
     python benchmarks/regimes.py --out runs/regimes [--bases runs/distill] [--seeds 0,1,2,3,4] [--jobs 2]
 """
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,15 +41,30 @@ from functools import partial
 from pathlib import Path
 
 import yaml
-from ablation import MATCHING, _link, _run
 
 from vlsi.data.digits import DigitsConfig, generate
+from vlsi.losses.matching import ABLATION_LADDER
 from vlsi.run.distill import TINY_PRESET
 from vlsi.run.evaluate import EvalConfig, evaluate
 from vlsi.run.figures import _pyplot
 from vlsi.run.relabel import relabel
 
 NEW_IMAGES = 4800  # one epoch of the preset's 150 steps x 32
+# The paper's ablation rows (its Tables 5-6): step 2's overrides. Random and uniform matching are left out.
+ABLATION = {
+    **{
+        name: {
+            k: getattr(cfg, k)
+            for k in ("strategy", "search_range", "order_preservation", "adaptive_temperature", "k")
+        }
+        for name, cfg in ABLATION_LADDER.items()
+        if name not in ("random", "uniform", "vlsi")
+    },
+    "il=ce": {"il": "ce"},
+    "il=l2": {"il": "l2"},
+    "ll=ce": {"ll": "ce"},
+    "ll=none": {"ll": "none"},
+}
 STEP1 = ("step1_teacher_verbalizers", "step1_student_verbalizers")
 # regime -> the distillation set's options (None: the student's own set). A variant (``from``) trains on
 # its source regime's set with ``interact`` overrides and links the stages it shares with the same seed of
@@ -77,20 +99,27 @@ REGIMES: dict[str, dict | None] = {
             "interact": overrides,
             "link": (*STEP1, "control_sft", "control_kd_step2", "control_kd"),
         }
-        for name, overrides in {
-            **{k: v for k, v in MATCHING.items() if k not in ("random", "uniform")},
-            **{
-                "il=ce": {"il": "ce"},
-                "il=l2": {"il": "l2"},
-                "ll=ce": {"ll": "ce"},
-                "ll=none": {"ll": "none"},
-            },
-        }.items()
+        for name, overrides in ABLATION.items()
     },
 }
 # What a regime name says about its data, not how it trains on it.
 VARIANT_KEYS = ("from", "interact", "link", "step3", "labels")
 ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
+
+
+def _run(cmd: list[str], log: Path, threads: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}); see {log}")
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(target.resolve(), target_is_directory=True)
 
 
 def _images(path: Path) -> int:
@@ -224,23 +253,39 @@ def summarize(out: Path, seeds: list[int], regimes: list[str]) -> dict:
     return summary
 
 
-def markdown(summary: dict, split: str) -> str:
-    def cell(pair):
-        return f"{pair[0]:+.1f} ± {pair[1]:.1f}" if not math.isnan(pair[1]) else f"{pair[0]:+.1f}"
+def markdown(summary: dict, split: str, names: list[str], title: str) -> str:
+    def cell(pair, sign="+"):
+        text = f"{pair[0]:{sign}.1f}"
+        return text if math.isnan(pair[1]) else f"{text} ± {pair[1]:.1f}"
 
     lines = [
-        f"| regime ({split}) | seeds | teacher | base | SFT control | final-layer KD | VLsI after step 2 | VLsI "
+        f"| {title} ({split}) | seeds | teacher | base | SFT control | final-layer KD | VLsI after step 2 | VLsI "
         "| VLsI − SFT | KD − SFT | step 2 − SFT |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, splits in summary.items():
-        if split not in splits:
+    for name in names:
+        if split not in summary.get(name, {}):
             continue
-        r = splits[split]
-        acc = " | ".join(f"{r['accuracy'][k][0]:.1f}" for k in ("teacher", "student_base", *ROWS))
+        r = summary[name][split]
+        acc = " | ".join(f"{r['accuracy'][k][0]:.1f}" for k in ("teacher", "student_base"))
+        acc += " | " + " | ".join(cell(r["accuracy"][k], "") for k in ROWS)
         diffs = " | ".join(cell(r[k]) for k in ("vlsi_minus_sft", "kd_minus_sft", "step2_minus_sft"))
         lines.append(f"| {name} | {r['seeds']} | {acc} | {diffs} |")
     return "\n".join(lines)
+
+
+def tables(regimes: list[str]) -> dict[str, list[str]]:
+    """The summary's tables: the map (regimes and step-3 variants), on-policy step 2 beside its off-policy
+    source, and the ablation rows beside the default; each lists only the chosen regimes."""
+    source = {n: (REGIMES[n] or {}).get("from") for n in regimes}
+    on_policy = [n for n in regimes if "lmbda" in (REGIMES[n] or {}).get("interact", {})]
+    ablation = [n for n in regimes if n.startswith("own:")]
+    groups = {
+        "regime": [n for n in regimes if n not in on_policy and n not in ablation],
+        "on-policy": sorted({source[n] for n in on_policy} | set(on_policy)),
+        "ablation": ["own", *ablation] if ablation else [],
+    }
+    return {title: names for title, names in groups.items() if names}
 
 
 def chart(summary: dict, path: Path, split: str = "test") -> None:
@@ -344,13 +389,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(out: Path, seeds: list[int], regimes: list[str], t0: float) -> int:
-    summary = summarize(out, seeds, regimes)
-    text = "\n\n".join(markdown(summary, split) for split in ("test", "val"))
+    summary = summarize(
+        out, seeds, sorted(set(regimes) | {(REGIMES[n] or {}).get("from", n) for n in regimes})
+    )
+    groups = tables(regimes)
+    text = "\n\n".join(
+        markdown(summary, split, names, title) for title, names in groups.items() for split in ("test", "val")
+    )
     print(text)
     print(f"regimes done in {time.perf_counter() - t0:.0f} s")
     (out / "regimes.md").write_text(text + "\n")
     (out / "regimes.json").write_text(json.dumps({"seeds": seeds, "regimes": summary}, indent=2))
-    chart(summary, out / "regimes.png")
+    if "regime" in groups:
+        chart({n: summary[n] for n in groups["regime"] if n in summary}, out / "regimes.png")
     return 0
 
 

@@ -65,9 +65,11 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     }
     assert records["own"] == 16 and records["noise30"] == 6
     assert 0 < records["teacher"] <= 6  # a record the teacher answers with nothing is dropped and counted
-    assert (out / "regimes.png").stat().st_size > 1000 and "| noise30 | 2 |" in (
-        out / "regimes.md"
-    ).read_text()
+    text = (out / "regimes.md").read_text()
+    assert (out / "regimes.png").stat().st_size > 1000 and "| noise30 | 2 |" in text
+    # The on-policy variant is tabled beside its off-policy source, not in the map.
+    on_policy = text.split("| on-policy (test)")[1].split("\n\n")[0]
+    assert "| own | 2 |" in on_policy and "| own_p1 | 2 |" in on_policy and "noise30" not in on_policy
     # Teacher and student base were scored once and linked into every run.
     assert (out / "own" / "seed1" / "eval" / "teacher").is_symlink()
     # A variant links what it shares with its source's run of the same seed and trains the rest.
