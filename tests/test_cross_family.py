@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_families import STOCK_CLASS, size_flags
+from test_families import STOCK_CLASS, recipe_run_as_written, size_flags
 from transformers import AutoModelForImageTextToText
 
 from vlsi.data.processing import VLProcessor
@@ -77,3 +77,18 @@ def test_a_teacher_of_another_family(teacher_family, student_family, cache, synt
     answers = generate_answers(stock, processor, prompts, max_new_tokens=32)
     predictions = [json.loads(x) for x in (out / "eval/vlsi/predictions.jsonl").read_text().splitlines()]
     assert [a.strip() for a in answers] == [p["prediction"] for p in predictions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, families, student_depth",
+    [
+        ("qwen25vl-72b-to-qwen2vl-2b", ("qwen2_5_vl", "qwen2_vl"), 28),
+        ("qwen25vl-72b-to-llava-ov-0.5b", ("qwen2_5_vl", "llava_onevision"), 24),
+    ],
+)
+def test_the_cross_family_recipes_run_as_written(recipe, families, student_depth, synth_data, tmp_path):
+    """The bundled cross-family recipes as written, on tiny models of their two families
+    (:func:`test_families.recipe_run_as_written`): no record's response tokenized differently."""
+    out, _ = recipe_run_as_written(recipe, families, student_depth, synth_data, tmp_path)
+    assert json.loads((out / "step2_interact" / "train_summary.json").read_text())["skipped"] == 0

@@ -19,7 +19,7 @@ from transformers import (
 
 from vlsi.data.processing import VLProcessor
 from vlsi.data.records import Encoder, load_records
-from vlsi.model.backbone import Backbone
+from vlsi.model.backbone import Backbone, parse_layers
 from vlsi.model.tiny import count_parameters
 from vlsi.run.cli import main
 from vlsi.run.distill import MODELS
@@ -167,13 +167,12 @@ def test_every_step_on_the_family(family, synth_data, tmp_path, capsys):
     assert [a.strip() for a in answers] == [p["prediction"] for p in predictions]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe, student_layers", [("llava-ov-72b-to-0.5b", 24), ("llava-ov-72b-to-7b", 28)])
-def test_llava_onevision_recipes_run_as_written(recipe, student_layers, synth_data, tmp_path):
-    """The paper's recipe file, only its paths replaced, on tiny models as deep as the real ones (80 and 24
-    or 28 layers), so its target layers, LoRA, gradient checkpointing and batch settings all apply."""
-    models, out = tmp_path / "models", tmp_path / "run"
-    depth = ["--teacher-num-layers", "80", "--student-num-layers", str(student_layers)]
+def recipe_run_as_written(recipe: str, families: tuple[str, str], student_depth: int, synth_data, tmp_path):
+    """``vlsi distill --config`` on a bundled recipe, only its paths replaced, with a tiny teacher of
+    ``families[0]`` and student of ``families[1]`` as deep as the real ones (80 and ``student_depth`` layers),
+    so its target layers, LoRA, gradient checkpointing and batch settings all apply. Returns the run folder
+    and the recipe as written, after checking every setting it writes is the one the run used."""
+    depth = ["--teacher-num-layers", "80", "--student-num-layers", str(student_depth)]
     width = [
         "--teacher-hidden-size",
         "16",
@@ -182,26 +181,36 @@ def test_llava_onevision_recipes_run_as_written(recipe, student_layers, synth_da
         "--student-hidden-size",
         "16",
     ]
-    sizes = [*size_flags(), *depth, *width]
-    assert main(["tiny", "--family", "llava_onevision", "--out", str(models), *sizes]) == 0
+    for family in set(families):
+        models = str(tmp_path / family)
+        assert main(["tiny", "--family", family, "--out", models, *size_flags(), *depth, *width]) == 0
     # One optimizer step per stage: batch 2 x accumulation 16 = 32 records.
     train = tmp_path / "train.json"
     train.write_text(json.dumps(load_records(synth_data / "train.json")[:32]))
-    paths = ["--out", str(out), "--teacher", str(models / "teacher"), "--student", str(models / "student")]
-    paths += ["--train-data", str(train), "--image-root", str(synth_data)]
+    out = tmp_path / "run"
+    paths = ["--out", str(out), "--train-data", str(train), "--image-root", str(synth_data)]
+    paths += ["--teacher", str(tmp_path / families[0] / "teacher")]
+    paths += ["--student", str(tmp_path / families[1] / "student")]
     assert main(["distill", "--config", f"configs/recipes/{recipe}.yaml", *paths]) == 0
     written = yaml.safe_load((Path("configs/recipes") / f"{recipe}.yaml").read_text())
     resolved = yaml.safe_load((out / "distill_config.yaml").read_text())
     for section in ("verbalize", "interact", "sft"):
         assert {k: resolved[section][k] for k in written[section]} == written[section]
     matches = json.loads((out / "step2_interact" / "matches.json").read_text())
-    assert matches["teacher_layers"] == [10, 30, 50, 70]
-    assert matches["student_layers"] == [int(x) for x in written["student_layers"].split(",")]
+    for role in ("teacher", "student"):
+        assert matches[f"{role}_layers"] == parse_layers(written[f"{role}_layers"])
     # As written the recipe names no test file: the VLsI student is exported for `vlsi eval`.
-    assert (
-        type(AutoModelForImageTextToText.from_pretrained(out / "step3_sft"))
-        is LlavaOnevisionForConditionalGeneration
-    )
+    assert type(AutoModelForImageTextToText.from_pretrained(out / "step3_sft")) is STOCK_CLASS[families[1]]
+    return out, written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, student_layers", [("llava-ov-72b-to-0.5b", 24), ("llava-ov-72b-to-7b", 28)])
+def test_llava_onevision_recipes_run_as_written(recipe, student_layers, synth_data, tmp_path):
+    """The paper's LLaVA-OneVision recipes as written (:func:`recipe_run_as_written`)."""
+    families = ("llava_onevision", "llava_onevision")
+    _, written = recipe_run_as_written(recipe, families, student_layers, synth_data, tmp_path)
+    assert written["teacher_layers"] == "10,30,50,70"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

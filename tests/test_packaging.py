@@ -35,6 +35,8 @@ def test_the_installed_wheel_plans_a_bundled_recipe_from_anywhere(tmp_path):
         [*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True
     )
     shutil.rmtree(source)  # the installed copy must stand alone
+    # A config assembled from named sources carries the note that names them.
+    assert (site / "vlsi/configs/models/Qwen--Qwen2.5-VL-72B-Instruct/SOURCE.md").is_file()
 
     # torch, transformers ... come from the running environment; vlsi only from the installed folder.
     env = {**os.environ, "PYTHONPATH": str(site)}

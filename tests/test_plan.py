@@ -1,4 +1,5 @@
-"""The paper's recipes, the bundled real model configs and ``vlsi plan`` (meta device only: no weights)."""
+"""The bundled recipes (the paper's four and two cross-family ones), the bundled real model configs and
+``vlsi plan`` (meta device only: no weights)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from vlsi.train.verbalize import VerbalizeConfig
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
 QWEN_72B, QWEN_7B, QWEN_2B = (f"Qwen/Qwen2-VL-{s}-Instruct" for s in ("72B", "7B", "2B"))
+QWEN25_72B = "Qwen/Qwen2.5-VL-72B-Instruct"
 OV = "llava-hf/llava-onevision-qwen2-{}-ov-hf"
 
 # Parameter totals the hub lists for these checkpoints; the bundled configs must rebuild them exactly.
@@ -45,12 +47,23 @@ REAL_TOTALS = {
     OV.format("7b"): 8_030_807_584,
     OV.format("72b"): 73_181_570_592,
 }
-# The paper's target layers (student, teacher); the 7B LLaVA-OV student is this project's choice.
-PAPER_LAYERS = {
+# Every bundled model: the paper's six (their totals above) and the cross-family recipes' teacher, whose
+# config is assembled from two named sources (its SOURCE.md) and has no published total to check against.
+BUNDLED = (*REAL_TOTALS, QWEN25_72B)
+# The target layers (student, teacher): the paper's; the 7B LLaVA-OV student and the cross-family pairs are this
+# project's choice, each keeping the paper's lists for its teacher depth and student (block_centres).
+RECIPE_LAYERS = {
     "qwen2vl-72b-to-2b": (list(range(2, 28, 4)), list(range(2, 80, 4))),
     "qwen2vl-72b-to-7b": (list(range(2, 28, 4)), list(range(2, 80, 4))),
     "llava-ov-72b-to-0.5b": ([4, 12, 20], [10, 30, 50, 70]),
     "llava-ov-72b-to-7b": (block_centres(28, 3), [10, 30, 50, 70]),
+    "qwen25vl-72b-to-qwen2vl-2b": (block_centres(28, 7), block_centres(80, 20)),
+    "qwen25vl-72b-to-llava-ov-0.5b": (block_centres(24, 3), block_centres(80, 4)),
+}
+# The recipes whose teacher and student are of two families (docs/method.md#cross-family-pairs).
+CROSS_FAMILY = {
+    "qwen25vl-72b-to-qwen2vl-2b": ("qwen2_5_vl", "qwen2_vl"),
+    "qwen25vl-72b-to-llava-ov-0.5b": ("qwen2_5_vl", "llava_onevision"),
 }
 STEP_CLASSES = {"verbalize": VerbalizeConfig, "interact": InteractConfig, "sft": SFTConfig}
 
@@ -70,17 +83,17 @@ def _each_bundled_model_summarized_once(monkeypatch):
     monkeypatch.setattr(
         vlsi.run.plan,
         "summarize",
-        lambda name: _bundled_summary(name) if name in REAL_TOTALS else summarize(name),
+        lambda name: _bundled_summary(name) if name in BUNDLED else summarize(name),
     )
 
 
 @pytest.fixture(scope="module")
 def summaries():
-    return {name: _bundled_summary(name) for name in REAL_TOTALS}
+    return {name: _bundled_summary(name) for name in BUNDLED}
 
 
-def test_four_recipes_are_bundled():
-    assert [p.stem for p in RECIPES] == sorted(PAPER_LAYERS)
+def test_the_papers_four_and_the_cross_family_recipes_are_bundled():
+    assert [p.stem for p in RECIPES] == sorted(RECIPE_LAYERS)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -105,7 +118,7 @@ def test_recipe_keys_are_config_fields(path):
 def test_recipe_layers_are_the_papers_and_fit_the_models(path, summaries):
     recipe = yaml.safe_load(path.read_text())
     student_layers, teacher_layers = (parse_layers(recipe[k]) for k in ("student_layers", "teacher_layers"))
-    assert (student_layers, teacher_layers) == PAPER_LAYERS[path.stem]
+    assert (student_layers, teacher_layers) == RECIPE_LAYERS[path.stem]
     assert len(student_layers) <= len(teacher_layers)
     for layers, name in ((student_layers, recipe["student"]), (teacher_layers, recipe["teacher"])):
         assert max(layers) < summaries[name].num_layers
@@ -127,6 +140,42 @@ def test_bundled_configs_rebuild_the_real_models(summaries):
         assert "bundled" in summaries[name].source
     assert summaries[QWEN_7B].head_width == 152_064 and summaries[QWEN_2B].head_width == 151_936
     assert summaries[QWEN_72B].num_layers == 80 and summaries[OV.format("0.5b")].num_layers == 24
+
+
+def test_bundled_qwen25_vl_72b_config_is_the_two_sources_values(summaries):
+    """Each value as SOURCE.md gives it: where Qwen's AWQ release and torchtune's builder agree, and the rows
+    AWQ pads (intermediate 29568, not 29696) and the vision geometry torchtune states."""
+    folder = ROOT / "configs/models/Qwen--Qwen2.5-VL-72B-Instruct"
+    source = (folder / "SOURCE.md").read_text()
+    for named in (
+        "Qwen/Qwen2.5-VL-72B-Instruct-AWQ",
+        "666b8f5f61eebf73e8deff3e33a0f8934038d69f",
+        "pytorch/torchtune",
+        "49698b248e5ac5fe4a5e46950a2bf9bb05caee9c",
+        "qwen2_5_vl_72b",
+    ):
+        assert named in source
+    raw = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in raw and "_name_or_path" not in raw
+    m = summaries[QWEN25_72B]
+    assert "bundled" in m.source and m.family == "qwen2_5_vl"
+    text, vision = m.config.get_text_config(), m.config.vision_config
+    assert (m.num_layers, m.hidden_size, m.intermediate_size, m.head_width) == (80, 8192, 29568, 152_064)
+    assert (text.num_attention_heads, text.num_key_value_heads, m.config.tie_word_embeddings) == (
+        64,
+        8,
+        False,
+    )
+    assert (vision.depth, vision.hidden_size, vision.intermediate_size, vision.out_hidden_size) == (
+        32,
+        1280,
+        3456,
+        8192,
+    )
+    assert (vision.window_size, list(vision.fullatt_block_indexes)) == (112, [7, 15, 23, 31])
+    # The same LLM sizes as Qwen2-VL-72B: its language model has that model's parameters exactly.
+    assert m.language == summaries[QWEN_72B].language
+    assert m.total == 73_410_777_344  # this config's count, pinned (no published total was found)
 
 
 def test_verbalizers_of_the_7b_student_are_the_papers_269m(summaries):
@@ -221,10 +270,23 @@ def test_layers_beyond_the_model_are_refused(tmp_path):
 def test_vlsi_plan_prints_every_recipe(path, capsys):
     assert main(["plan", str(path), "--engine", "fsdp", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
-    for needle in ("target layers", "verbalizers", "vocabulary", "2 interact", "3 sft", "fsdp on 8 GPUs"):
+    for needle in ("target layers", "verbalizers", "vocabulary", "fsdp on 8 GPUs"):
         assert needle in out
+    # A per-GPU row for every step, each within an 80 GiB GPU (none marked over --gpu-memory).
+    rows = [line for line in out.splitlines() if line[:3] in ("  1", "  2", "  3")]
+    assert [" ".join(row.split()[:3]) for row in rows] == [
+        "1 verbalize teacher",
+        "1 verbalize student",
+        "2 interact 2",
+        "3 sft 4",
+    ]
+    assert all(0 < float(row.split()[-1]) < 80 for row in rows) and "> --gpu-memory" not in out
     if path.stem == "qwen2vl-72b-to-7b":
         assert "student  7 x   38.5M =   269.8M" in out
+    if path.stem in CROSS_FAMILY:
+        teacher, student = CROSS_FAMILY[path.stem]
+        assert f"two families ({teacher} teacher, {student} student)" in out
+        assert "config: bundled configs/models/Qwen--Qwen2.5-VL-72B-Instruct" in out
     assert "verbalize chunked (1024), interact chunked (1024)" in out  # a GPU's chunk, as a GPU run takes
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "FAMILIES",
+    "MEDIA_TOKEN_KEYS",
     "Backbone",
     "Family",
     "family_for",
@@ -25,6 +26,18 @@ __all__ = [
     "parse_layers",
     "target_layers",
 ]
+
+# Config entries (top level or text config, as the family keeps them) naming the ids of the tokens that place
+# media in a prompt: image / video placeholders and the vision start / end marks. Every family names its own
+# with some of these keys; a text answer never holds one of them.
+MEDIA_TOKEN_KEYS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
 
 _DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vlsi.losses.chunked import GPU_CHUNK_TOKENS
-from vlsi.model.backbone import Backbone, get_module, parse_layers
+from vlsi.model.backbone import MEDIA_TOKEN_KEYS, Backbone, get_module, parse_layers
 from vlsi.run.config import build_config, read_config_file
 from vlsi.run.memory import GIB, ModelSummary, estimate_memory, lora_parameters, verbalizer_parameters
 
@@ -174,17 +174,7 @@ def block_centres(num_layers: int, count: int) -> list[int]:
 # ------------------------------------------------------------------------------------------- vocabulary
 
 # Config entries that name token ids; two models of one tokenizer agree on every one both define.
-_TOKEN_ID_KEYS = (
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "video_token_index",
-    "vision_start_token_id",
-    "vision_end_token_id",
-)
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", *MEDIA_TOKEN_KEYS)
 
 
 def _token_ids(config) -> dict[str, object]:

@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType
 from transformers import GenerationConfig
 
 from vlsi.data.records import IGNORE_INDEX, BatchStream, ChatDataset, RecordError, collate, record_name
+from vlsi.model.backbone import MEDIA_TOKEN_KEYS
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import Batch, append_jsonl, next_batch
 
@@ -38,16 +39,6 @@ from vlsi.train.runtime import Batch, append_jsonl, next_batch
 STREAM_OFFSET = 7_777_777
 # The on-policy options: they change nothing when lmbda is 0, so a run resumes across them then.
 OPTIONS = ("lmbda", "gen_temperature", "gen_max_new_tokens")
-# Config ids of the tokens that place media in a prompt; a text answer never holds one, and a random or
-# young student that wrote one would make the teacher-forced pass look for an image that is not there.
-_MEDIA_TOKEN_KEYS = (
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "video_token_index",
-    "vision_start_token_id",
-    "vision_end_token_id",
-)
 
 
 # Every logits processor a checkpoint's generation config may turn on, set to leave the distribution as it is:
@@ -81,10 +72,11 @@ def validate(lmbda: float, temperature: float, max_new_tokens: int) -> None:
 
 
 def media_token_ids(model) -> list[int]:
-    """The ids of the model's media-placing tokens (image / video placeholders, vision start / end)."""
+    """The ids of the model's media-placing tokens (image / video placeholders, vision start / end). A random or
+    young student that wrote one would make the teacher-forced pass look for an image that is not there."""
     ids = set()
     for config in (model.config, getattr(model.config, "text_config", None)):
-        for key in _MEDIA_TOKEN_KEYS:
+        for key in MEDIA_TOKEN_KEYS:
             value = getattr(config, key, None) if config is not None else None
             if isinstance(value, int) and value >= 0:
                 ids.add(value)
