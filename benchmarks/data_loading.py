@@ -11,6 +11,9 @@ or none) at each ``--sizes`` count, then measures, each in a fresh process:
 - ``loader_records_per_s`` (``DataLoader`` with 0 and 2 workers, encoding and collating) beside
   ``student_step_records_per_s`` (forward and backward of the tiny student on the same batches).
 
+``--lengths-only N`` times the grouping's record lengths alone on N records, the earlier way against
+today's, alternated in one run (``record_lengths_s``).
+
     python benchmarks/data_loading.py --out runs/data_loading.json --sizes 100000,1000000
 """
 
@@ -150,6 +153,71 @@ def padding_fractions(path: Path, models: dict, batch: int = 32) -> dict:
     return out
 
 
+def lengths_before(records, processor) -> list[int]:
+    """The record lengths as ``record_lengths`` computed them before it was made faster (kept here to measure
+    against): the tokenizer's ``__call__`` on each chunk, every image's header read once per record."""
+    from PIL import Image
+
+    from vlsi.data.records import RecordError, _image_size, image_paths
+
+    per_sizes, out = {}, []
+
+    def image_tokens(sizes):
+        if sizes not in per_sizes:
+            blank = [Image.new("RGB", size) for size in sizes]
+            per_sizes[sizes] = sum(processor.image_token_counts(processor.process_images(blank)))
+        return per_sizes[sizes]
+
+    for start in range(0, len(records), 1024):
+        texts, extra = [], []
+        for i in range(start, min(start + 1024, len(records))):
+            record = records[i]
+            turns = record.get("conversations") or []
+            texts.append("\n".join(t["value"] for t in turns if isinstance(t.get("value"), str)))
+            try:
+                sizes = tuple(_image_size(p) for p in image_paths(record, records.base(i)))
+            except RecordError:
+                sizes = ()
+            extra.append(4 * len(turns) + (image_tokens(sizes) if sizes and None not in sizes else 0))
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out += [len(t) + e for t, e in zip(ids, extra, strict=True)]
+    return out
+
+
+def length_timings(path: Path, models: dict, repeats: int = 2) -> dict:
+    """Seconds to compute the grouping's record lengths of ``path``, before and after it was made faster,
+    alternated on the same records (the best of ``repeats`` each: the machine is shared); the two must agree."""
+    import os
+
+    import numpy as np
+
+    from vlsi.data.processing import VLProcessor
+    from vlsi.data.records import record_lengths
+    from vlsi.data.store import Records
+
+    records = Records(path)
+    processor = VLProcessor.from_pretrained(models["student"])
+    times = {"before": [], "after": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        before = lengths_before(records, processor)
+        times["before"].append(time.perf_counter() - start)
+        # A fresh cache folder each time, so the lengths are computed, not read back.
+        os.environ["VLSI_DATA_CACHE"] = tempfile.mkdtemp(prefix="vlsi-lengths-")
+        start = time.perf_counter()
+        after = np.asarray(record_lengths(records, processor))
+        times["after"].append(time.perf_counter() - start)
+        if before != after.tolist():
+            raise AssertionError("the faster record lengths differ from the earlier ones")
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "record_lengths_records": len(records),
+        "record_lengths_s": {k: round(v, 2) for k, v in best.items()},
+        "record_lengths_speedup": round(best["before"] / best["after"], 2),
+        "record_lengths_s_each": {k: [round(t, 2) for t in v] for k, v in times.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -160,6 +228,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="batches of 32 for the loader and step rates")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for the generated files (a temporary one)"
+    )
+    parser.add_argument(
+        "--lengths-only",
+        type=int,
+        default=0,
+        help="only time the grouping's record lengths, before and after their speed-up, on this many records",
     )
     args = parser.parse_args()
 
@@ -178,6 +252,15 @@ def main() -> None:
         Image.new("RGB", size, (40 * k, 90, 200)).save(work / f"img{k}.png")
         images.append(f"img{k}.png")
     models = build_tiny(TinyConfig(out=str(work / "tiny")))
+    if args.lengths_only:
+        path = work / f"records_{args.lengths_only}.jsonl"
+        if not path.exists():
+            generate(path, args.lengths_only, images)
+        result = length_timings(path, models)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     result = {
         "baseline_rss_mb": round(baseline_rss(), 1),
         "rss_mb": {"today": {}, "new": {}},

@@ -73,6 +73,7 @@ def main() -> None:
         weight_decay=0.01,
         seed=a.seed,
         max_length=256,
+        group_by_length=False,  # as the tiny setting's bases (vlsi.run.pipeline.base_sft_config)
         freeze_vision=a.freeze_vision,
         eval_data=str(data / "val.json"),
         eval_every=a.eval_every,

@@ -50,7 +50,12 @@ def _setup(root: Path, args) -> dict:
     for name in ("teacher", "student"):
         paths[name] = root / name
         sft = SFTConfig(
-            model=str(models[name]), data=train, out=str(paths[name]), max_steps=args.sft_steps, lr=1e-3
+            model=str(models[name]),
+            data=train,
+            out=str(paths[name]),
+            max_steps=args.sft_steps,
+            lr=1e-3,
+            group_by_length=False,  # the order the documented numbers were measured with
         )
         train_sft(sft)
     for name in ("teacher", "student"):
@@ -81,6 +86,7 @@ def _timed_interact(paths: dict, out: Path, args) -> tuple[dict, list[float]]:
         lr=1e-4,
         lmbda=args.lmbda,
         gen_max_new_tokens=args.gen_max_new_tokens,
+        group_by_length=False,
         resume=False,
     )
     stamps, original = [], training.optimizer_step

@@ -134,7 +134,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     record_config(
         dataclasses.replace(cfg, out=str(tmp_path / "b"), controls=True, eval_batch_size=4), tmp_path
     )
-    with pytest.raises(ValueError, match=r"\(interact differ"):
+    with pytest.raises(ValueError, match=r"\(interact.lr differ"):
         record_config(dataclasses.replace(cfg, interact=InteractSettings(lr=1.0)), tmp_path)
 
 
@@ -149,6 +149,43 @@ def test_an_option_newer_than_the_run_counts_as_its_default(tmp_path):
     path.write_text(yaml.safe_dump(older))
     with pytest.raises(ValueError, match="step3_data differ"):
         record_config(dataclasses.replace(cfg, step3_data="other.json"), tmp_path)
+
+
+def test_a_step_option_newer_than_the_run_reads_as_what_the_run_did(tmp_path):
+    # A run recorded before its steps had group_by_length (it shuffled plainly) and --num-workers.
+    plain = {"group_by_length": False}
+    cfg = DistillConfig(
+        out=str(tmp_path / "a"),
+        verbalize=VerbalizeSettings(**plain),
+        interact=InteractSettings(**plain),
+        sft=SFTSettings(**plain),
+    )
+    record_config(cfg, tmp_path)
+    path = tmp_path / "distill_config.yaml"
+    older = yaml.safe_load(path.read_text())
+    for step in ("verbalize", "interact", "sft"):
+        for key in ("group_by_length", "num_workers", "prefetch_factor"):
+            del older[step][key]
+    path.write_text(yaml.safe_dump(older))
+    record_config(cfg, tmp_path)
+    path.write_text(yaml.safe_dump(older))
+    # How batches are loaded may change; their order may not (the steps' default is grouped now).
+    record_config(dataclasses.replace(cfg, sft=SFTSettings(**plain, num_workers=2)), tmp_path)
+    path.write_text(yaml.safe_dump(older))
+    with pytest.raises(ValueError, match=r"\(sft.group_by_length differ"):
+        record_config(dataclasses.replace(cfg, sft=SFTSettings()), tmp_path)
+
+
+def test_the_tiny_setting_keeps_the_plain_shuffle():
+    # Its numbers were made so; every step of a run on given models groups by length unless told not to.
+    from pathlib import Path
+
+    from vlsi.run.pipeline import TinySettings, base_sft_config
+
+    for step in ("verbalize", "interact", "sft"):
+        assert TINY_PRESET[step]["group_by_length"] is False
+    assert base_sft_config(TinySettings(), Path("m"), Path("d"), Path("o")).group_by_length is False
+    assert SFTSettings().group_by_length and InteractSettings().group_by_length
 
 
 def test_tiny_preset_applies_only_without_a_teacher():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -265,6 +266,7 @@ def _interact_args(paths: dict, data: Path, images: Path, out: Path, accum: int)
         *("--data", str(data), "--image-root", str(images), "--out", str(out)),
         *("--strategy", "uniform", "--lr", "1e-3", "--log-every", "1", "--precision", "fp32"),
         *("--batch-size", "1", "--grad-accum", str(accum), "--max-steps", str(PROBE_STEPS)),
+        "--no-group-by-length",  # _rank_one_text_only places the records by the plain shuffle
     ]
 
 
@@ -425,3 +427,44 @@ def test_on_policy_answers_of_a_student_sharded_over_two_processes(tmp_path, tin
         got = json.loads(Path(f"{prefix}.{rank}.json").read_text())
         assert got["answers_equal"] and len(got["answers"]) == prompts
         assert got["copy_diff"] == 0.0 and got["still_sharded"]
+
+
+def test_teacher_cache_built_by_two_processes_equals_one_process(
+    tmp_path, tiny_models, verbalizers, synth_data
+):
+    """``accelerate launch ... teacher-cache``: the records sharded over the processes (process p writes shards
+    p, p + 2, ...), one cache at the end, the very one a single process builds; the records skipped in another
+    process's shards are counted in the index as one process counts them."""
+    from safetensors import safe_open
+
+    from vlsi.train.teacher_cache import INDEX_FILE, TeacherCache, shard_path
+
+    folder = tmp_path / "synth"
+    shutil.copytree(synth_data, folder)
+    records = json.loads((folder / "train.json").read_text())
+    records[10] = {**records[10], "id": "missing", "image": "nowhere.png"}  # shard 1: process 1's
+    data = folder / "train_with_bad.json"
+    data.write_text(json.dumps(records))
+
+    def args(out):
+        return ["teacher-cache", "--teacher", str(tiny_models["teacher"]), "--teacher-verbalizers",
+                str(verbalizers["teacher"]), "--data", str(data), "--out", str(out), "--batch-size", "3",
+                "--shard-records", "8", "--top-k", "16"]  # fmt: skip
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one)) == 0
+    launch_two_processes(args(two), tmp_path / "unused.pt")
+    index = {name: json.loads((root / INDEX_FILE).read_text()) for name, root in (("one", one), ("two", two))}
+    for name, root in (("one", one), ("two", two)):
+        assert index[name]["settings"].pop("out") == str(root)  # where each was asked to go
+    assert index["two"] == index["one"] and index["one"]["complete"] and index["one"]["shards"] == 3
+    assert index["one"]["skipped_by_reason"] == {"image not found": 1}
+    for shard in range(index["one"]["shards"]):
+        with (
+            safe_open(str(shard_path(one, shard)), "pt") as a,
+            safe_open(str(shard_path(two, shard)), "pt") as b,
+        ):
+            assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (shard, key)
+    assert len(TeacherCache(two)) == len(records)

@@ -53,6 +53,21 @@ def test_lmbda_zero_is_todays_step_2_bit_for_bit(tmp_path, tiny_models, verbaliz
         assert all(torch.equal(a[name], b[name]) for name in a), weights
 
 
+@pytest.mark.slow  # two training runs
+def test_on_policy_batches_with_workers_are_those_without(tmp_path, tiny_models, verbalizers, synth_data):
+    # Off-policy batches built in DataLoader workers, on-policy ones taking their records from the same
+    # prefetched order: the run is the in-process one.
+    data = synth_data / "train.json"
+    options = "--max-steps 4 --lmbda 0.5 --gen-temperature 1.0 --gen-max-new-tokens 4"
+    here, there = tmp_path / "here", tmp_path / "workers"
+    assert main(_interact(tiny_models, verbalizers, data, here, options)) == 0
+    assert main(_interact(tiny_models, verbalizers, data, there, f"{options} --num-workers 2")) == 0
+    generated = _rows(here / "on_policy.jsonl")
+    assert 0 < len(generated) < 4  # both kinds of batch, for this seed
+    assert _rows(there / "on_policy.jsonl") == generated
+    assert _rows(there / "train_log.jsonl") == _rows(here / "train_log.jsonl")
+
+
 def _greedy(model_path, data, names: list[str]) -> tuple[list[str], int]:
     """A separate greedy ``generate`` of the student, one record at a time (no padding): its answers and the
     tokens of prompt + answer over the records."""

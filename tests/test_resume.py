@@ -151,7 +151,7 @@ def test_unset_image_bounds_leave_the_resume_fingerprint_as_it_was():
     from vlsi.train.runtime import BOOKKEEPING, run_fingerprint
     from vlsi.train.sft import SFTConfig
 
-    cfg = SFTConfig(model="m", data="d", out="o")
+    cfg = SFTConfig(model="m", data="d", out="o", group_by_length=False)  # grouped adds its own key
     earlier = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
@@ -159,3 +159,20 @@ def test_unset_image_bounds_leave_the_resume_fingerprint_as_it_was():
     }
     assert run_fingerprint(cfg, 2) == fingerprint(dict(earlier, world=2))
     assert run_fingerprint(dataclasses.replace(cfg, max_pixels=1024), 2) != run_fingerprint(cfg, 2)
+
+
+def test_a_grouped_order_from_before_its_span_was_an_optimizer_step_is_refused():
+    # Grouped checkpoints of the earlier grouping (spans of a micro-batch) would resume in another order.
+    from vlsi.train.checkpointing import fingerprint
+    from vlsi.train.runtime import run_fingerprint
+    from vlsi.train.sft import SFTConfig
+
+    grouped = run_fingerprint(SFTConfig(model="m", data="d", out="o"), 1)
+    assert grouped.settings["length_groups"] == "per optimizer step"
+    earlier = {k: v for k, v in grouped.settings.items() if k != "length_groups"}
+    assert fingerprint({**grouped.assumed, **earlier}) != grouped
+    plain = run_fingerprint(SFTConfig(model="m", data="d", out="o", group_by_length=False), 1)
+    assert "length_groups" not in plain.settings
+    # How batches are loaded is not what they hold: a resume may change it.
+    cfg = SFTConfig(model="m", data="d", out="o", num_workers=4, prefetch_factor=8)
+    assert run_fingerprint(cfg, 1) == grouped

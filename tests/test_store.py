@@ -2,6 +2,7 @@
 image bytes, save_to_disk folders, messages), mixtures, and training from each."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -324,13 +325,37 @@ def test_length_grouped_order_pads_little_and_resumes_exactly():
 
 
 @pytest.mark.slow  # two short training runs
-def test_group_by_length_trains_and_is_off_by_default(tmp_path, synth_data, tiny_models):
+def test_group_by_length_is_on_by_default_and_off_with_a_flag(tmp_path, synth_data, tiny_models):
     args = ["sft", "--model", str(tiny_models["student"]), "--data", str(synth_data / "train.json")]
     args += ["--max-steps", "2", "--batch-size", "4", "--log-every", "1"]
-    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    assert main([*args, "--out", str(tmp_path / "grouped"), "--group-by-length"]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain"), "--no-group-by-length"]) == 0
+    assert main([*args, "--out", str(tmp_path / "grouped")]) == 0
     plain, grouped = (_rows(tmp_path / name / "train_log.jsonl") for name in ("plain", "grouped"))
     assert [r["step"] for r in grouped] == [1, 2] and plain[0]["loss"] != grouped[0]["loss"]
+
+
+@pytest.mark.slow  # two short training runs
+def test_a_checkpoint_from_before_length_grouping_resumes_in_its_own_order(tmp_path, synth_data, tiny_models):
+    """A checkpoint written before ``group_by_length`` existed (its settings and fingerprint without it) is
+    read as off, and the run goes on ungrouped under today's default (on) instead of being refused."""
+    from vlsi.train.checkpointing import fingerprint
+
+    args = ["sft", "--model", str(tiny_models["student"]), "--data", str(synth_data / "train.json")]
+    args += ["--max-steps", "3", "--batch-size", "4", "--log-every", "1", "--save-every", "1"]
+    reference, old = tmp_path / "reference", tmp_path / "old"
+    assert main([*args, "--out", str(reference), "--no-group-by-length"]) == 0
+    shutil.copytree(reference / "checkpoints" / "step-0000001", old / "checkpoints" / "step-0000001")
+    state_file = old / "checkpoints" / "step-0000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["group_by_length"]  # as the run before the option wrote it
+    state["fingerprint"] = str(fingerprint(state["settings"]))
+    state_file.write_text(json.dumps(state))
+    shutil.copy(reference / "train_log.jsonl", old / "train_log.jsonl")
+
+    # Read so, the checkpoint still refuses a run whose other settings differ.
+    assert main([*args, "--out", str(old), "--lr", "5e-3"]) == 2
+    assert main([*args, "--out", str(old)]) == 0  # today's default: grouped, but the run started plain
+    assert _rows(old / "train_log.jsonl") == _rows(reference / "train_log.jsonl")
 
 
 @pytest.mark.slow  # a short training run

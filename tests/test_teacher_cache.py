@@ -107,12 +107,16 @@ def test_cached_and_live_runs_pick_the_same_matches(
     for name, source in (
         ("live", _live(tiny_models, verbalizers)),
         ("cached", f"--teacher-cache {full_cache}"),
+        # The cached teacher's rows read with the batches, in DataLoader workers: the same run.
+        ("cached_workers", f"--teacher-cache {full_cache} --num-workers 2"),
     ):
         out = tmp_path / name
         assert main(_interact_args(tiny_models, verbalizers, data, out, f"--max-steps 2 {source}")) == 0
         logs[name] = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
         logs[name + "_matches"] = (out / "match_log.jsonl").read_text()
     assert logs["cached_matches"] == logs["live_matches"]
+    assert logs["cached_workers"] == logs["cached"]
+    assert logs["cached_workers_matches"] == logs["cached_matches"]
     for live, cached in zip(logs["live"], logs["cached"], strict=True):
         for part in ("loss", "il", "ll"):
             assert cached[part] == pytest.approx(live[part], rel=1e-4), (part, live, cached)

@@ -61,16 +61,22 @@ class PairEncoder:
         return item
 
 
-def collate_pairs(teacher_pad_id: int):
+def collate_pairs(teacher_pad_id: int) -> PairCollate:
     """``collate(items, pad_id)`` for :class:`PairEncoder` items: the student's batch, with the teacher's
     own batch of the same records under :data:`TEACHER_INPUTS` (its padding is the teacher's)."""
+    return PairCollate(teacher_pad_id)
 
-    def collate_fn(items: list[dict | None], pad_id: int) -> dict | None:
+
+@dataclass
+class PairCollate:
+    """:func:`collate_pairs`' function; a class, so a ``DataLoader`` worker can be handed it."""
+
+    teacher_pad_id: int
+
+    def __call__(self, items: list[dict | None], pad_id: int) -> dict | None:
         items = [x for x in items if x is not None]
         teacher = [x.pop(TEACHER_INPUTS) for x in items]
         batch = collate(items, pad_id)
         if batch is not None:
-            batch[TEACHER_INPUTS] = collate(teacher, teacher_pad_id)
+            batch[TEACHER_INPUTS] = collate(teacher, self.teacher_pad_id)
         return batch
-
-    return collate_fn

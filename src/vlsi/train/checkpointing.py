@@ -24,6 +24,9 @@ class Fingerprint(str):
     """The hash of a run's settings, carrying the settings so a refusal can name what changed."""
 
     settings: dict
+    # Settings a checkpoint written before they existed is read with (key -> the value that did what such a
+    # run did): its fingerprint lacks them, its settings are completed with these and compared again.
+    assumed: dict
 
     def __new__(cls, settings: dict):
         # Round-tripped through JSON so values compare the same way once read back from state.json.
@@ -31,6 +34,7 @@ class Fingerprint(str):
         blob = json.dumps(plain, sort_keys=True)
         self = super().__new__(cls, hashlib.sha256(blob.encode()).hexdigest()[:16])
         self.settings = plain
+        self.assumed = {}
         return self
 
 
@@ -123,10 +127,18 @@ class CheckpointManager:
     def load(self, accelerator, path: Path, expected_fingerprint: str) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
         advice = "use a new --out directory or pass --no-resume to start over"
+        saved = state.get("settings")
+        if isinstance(expected_fingerprint, Fingerprint) and saved is not None:
+            saved = {**expected_fingerprint.assumed, **saved}  # options newer than the checkpoint
+            if (
+                state.get("fingerprint") != expected_fingerprint
+                and fingerprint(saved) == expected_fingerprint
+            ):
+                state["fingerprint"] = expected_fingerprint
         if state.get("fingerprint") != expected_fingerprint:
             changed = ""
-            if "settings" in state and isinstance(expected_fingerprint, Fingerprint):
-                changed = f": {_diff(state['settings'], expected_fingerprint.settings)}"
+            if saved is not None and isinstance(expected_fingerprint, Fingerprint):
+                changed = f": {_diff(saved, expected_fingerprint.settings)}"
             raise CheckpointMismatch(
                 f"{path} was written by a run with different settings or model "
                 f"(fingerprint {state.get('fingerprint')} != {expected_fingerprint}){changed}; {advice}"

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,7 +64,13 @@ from vlsi.train.engines import (
     vision_on_every_batch,
     whole_load,
 )
-from vlsi.train.runtime import VerbalizedLossArgs, append_jsonl, make_accelerator, mixed_precision, next_batch
+from vlsi.train.runtime import (
+    VerbalizedLossArgs,
+    append_jsonl,
+    batch_loader,
+    make_accelerator,
+    mixed_precision,
+)
 from vlsi.train.sft import enable_gradient_checkpointing
 from vlsi.train.teacher_cache import TeacherCache
 from vlsi.train.teacher_responses import (
@@ -683,7 +688,11 @@ def train_interaction(cfg: InteractConfig) -> dict:
     student_layers = student.verbalizers.layers
     matches = MatchRecord(accelerator, cfg, student_layers, teacher_layers, run.total)
     copy = _generation_copy(cfg, accelerator) if cfg.lmbda > 0 and on_policy.sharded(accelerator) else None
-    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl", copy)
+    # The batches: the dataset's (with the cached teacher's distributions), built in --num-workers workers or
+    # here; with --lmbda some are answered by the student instead.
+    pad_id = processor.pad_token_id
+    loader = batch_loader(cfg, pad_id, collate_fn, build=None if cache is None else cache.build(pad_id))
+    batches = on_policy.OnPolicyBatches(run, cfg, processor, run.out / "on_policy.jsonl", copy, loader)
     state = resume(
         run,
         # Options at values that change nothing are left out: checkpoints written before they existed resume.
@@ -727,11 +736,7 @@ def train_interaction(cfg: InteractConfig) -> dict:
         entry=entry,
         row=_mean_parts,
         pad_id=processor.pad_token_id,
-        fetch=batches
-        if cfg.lmbda > 0
-        else partial(next_batch, collate_fn=collate_fn)
-        if cache is None
-        else cache.next_batch,
+        fetch=batches if cfg.lmbda > 0 else loader,
         after_step=matches.step_done,
         saved=lambda: matches.state() | (batches.state() if cfg.lmbda > 0 else {}),
     )

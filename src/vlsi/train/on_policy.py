@@ -30,10 +30,11 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import GenerationConfig
 
+from vlsi.data.loading import BatchLoader, BuildBatch
 from vlsi.data.records import IGNORE_INDEX, BatchStream, ChatDataset, RecordError, collate, record_name
 from vlsi.model.backbone import MEDIA_TOKEN_KEYS
 from vlsi.train.engines import whole_weights
-from vlsi.train.runtime import Batch, append_jsonl, next_batch
+from vlsi.train.runtime import Batch, append_jsonl
 
 # Added to seed * 1000003 for the draws' generator: far from the match generators' seed * 1000003 + rank.
 STREAM_OFFSET = 7_777_777
@@ -193,11 +194,21 @@ class OnPolicyBatches:
 
     ``run`` is step 2's :class:`vlsi.train.training.Run`; ``encoder`` the dataset's. On-policy batches are
     logged on the main process to ``on_policy.jsonl`` (step, records, the decoded answers), and the time spent
-    generating is kept for the summary.
+    generating is kept for the summary. ``loader`` builds the ordinary batches (in ``DataLoader`` workers
+    if it has them) and hands out the on-policy ones' records, so both come from the one order.
     """
 
-    def __init__(self, run, cfg, processor, log_file, copy: GenerationCopy | None = None):
+    def __init__(
+        self,
+        run,
+        cfg,
+        processor,
+        log_file,
+        copy: GenerationCopy | None = None,
+        loader: BatchLoader | None = None,
+    ):
         self.run, self.cfg, self.processor, self.file, self.copy = run, cfg, processor, log_file, copy
+        self.loader = loader or BatchLoader(BuildBatch(processor.pad_token_id))
         self.lmbda = cfg.lmbda
         # The same on every process: they all draw the same on-policy micro-batches.
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000003 + STREAM_OFFSET)
@@ -206,17 +217,20 @@ class OnPolicyBatches:
 
     def __call__(self, stream: BatchStream, dataset: ChatDataset, pad_id: int) -> Batch:
         if self.lmbda == 0:  # the paper's step 2: no draw at all
-            return next_batch(stream, dataset, pad_id)
+            return self.loader(stream, dataset)
         draw = torch.rand((), generator=self.generator).item()
         seed = int(torch.randint(0, 2**62, (), generator=self.generator))
         if draw >= self.lmbda:
-            return next_batch(stream, dataset, pad_id)
+            return self.loader(stream, dataset)
         return self._generated(stream, dataset, pad_id, seed)
+
+    def close(self) -> None:
+        self.loader.close()
 
     def _generated(self, stream: BatchStream, dataset: ChatDataset, pad_id: int, seed: int) -> Batch:
         accelerator = self.run.accelerator
         for _ in range(1000):
-            indices = stream.next_indices()
+            indices = self.loader.next_indices(stream, dataset)
             prompts, names = [], []
             for i in indices:
                 try:

@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from vlsi.data.records import BatchStream, ChatDataset, collate, record_name
+from vlsi.data.loading import Batch, BatchLoader, BuildBatch, build_next
+from vlsi.data.records import BatchStream, ChatDataset, collate
 from vlsi.losses.chunked import GPU_CHUNK_TOKENS, default_chunk_tokens
 from vlsi.losses.tokens import count_response_tokens
 from vlsi.train.checkpointing import fingerprint
@@ -67,30 +68,17 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-class Batch(dict):
-    """A collated micro-batch (tensors by name) that also knows which records it holds, so that a step
-    stopped for a non-finite loss can name them. ``record_ids`` is an attribute, not an entry: every entry
-    is a tensor fed to the model."""
-
-    record_ids: list[str]
-
-
 def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int, collate_fn=collate) -> Batch:
-    """The next non-empty micro-batch; a batch whose every record was bad is skipped whole. ``collate_fn``:
-    how the items are batched (:func:`vlsi.data.pairs.collate_pairs` for a cross-family pair)."""
-    for _ in range(1000):
-        indices = stream.next_indices()
-        items = [dataset[i] for i in indices]
-        batch = collate_fn(items, pad_id)
-        if batch is not None:
-            batch = Batch(batch)
-            batch.record_ids = [
-                record_name(dataset.records[i], i)
-                for i, item in zip(indices, items, strict=True)
-                if item is not None
-            ]
-            return batch
-    raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
+    """The next non-empty micro-batch, built in this process; a batch whose every record was bad is skipped
+    whole. ``collate_fn``: how the items are batched (:class:`vlsi.data.pairs.PairCollate` for a cross-family
+    pair). :class:`vlsi.data.loading.BatchLoader` builds the same batches, in workers if asked."""
+    return build_next(stream, dataset, BuildBatch(pad_id, collate_fn))
+
+
+def batch_loader(cfg: TrainingArgs, pad_id: int, collate_fn=collate, build: BuildBatch | None = None):
+    """The run's ``fetch``: batches of ``build`` (encode and ``collate_fn``) built in ``--num-workers``
+    ``DataLoader`` workers, ``--prefetch-factor`` each ahead, or in this process (0)."""
+    return BatchLoader(build or BuildBatch(pad_id, collate_fn), cfg.num_workers, cfg.prefetch_factor)
 
 
 def global_response_tokens(accelerator: Accelerator, micro_batches: list[dict]) -> torch.Tensor:
@@ -132,14 +120,23 @@ class TrainingArgs:
             "or none; the logged rows (every loss part, lr) go there too"
         },
     )
-    # Off unless asked (the real runs' recipes ask): the tiny setting's numbers depend on today's order.
+    # On for training; the built-in tiny setting turns it off (its numbers come from the plain shuffle), and
+    # a resumed run keeps the order it started with (vlsi.train.training.started_order).
     group_by_length: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "batches of records of similar token count (image tokens included), shuffled in groups: "
-            "little padding; the recipes turn it on"
+            "little padding (--no-group-by-length: a plain shuffle)"
         },
     )
+    num_workers: int = field(
+        default=0,
+        metadata={
+            "help": "DataLoader worker processes that read, decode, encode and collate batches ahead of the "
+            "step (0: in the training process); the same batches in the same order either way"
+        },
+    )
+    prefetch_factor: int = field(default=2, metadata={"help": "batches each worker builds ahead"})
     max_length: int = field(default=2048, metadata={"help": "records longer than this are skipped"})
     precision: str = field(
         default="auto", metadata={"help": "auto | bf16 | fp32 (auto: bf16 on GPUs with it)"}
@@ -180,10 +177,16 @@ class VerbalizedLossArgs(TrainingArgs):
 
 
 # Settings that do not change what a run computes, so a resume may differ in them.
-BOOKKEEPING = ("out", "save_every", "keep_checkpoints", "resume", "log_every", "report_to")
+BOOKKEEPING = (
+    "out", "save_every", "keep_checkpoints", "resume", "log_every", "report_to", "num_workers",
+    "prefetch_factor",
+)  # fmt: skip
 # Options added after runs could have started; left out of the fingerprint while unset, so that a checkpoint
 # written before they existed still resumes.
 ADDED_UNSET = ("min_pixels", "max_pixels")
+# Options added after runs could have started, with the value that does what runs did before them: a
+# checkpoint (or a run's record) without the option reads as that value.
+ADDED_WAS = {"group_by_length": False}
 
 
 def prepare_training(
@@ -204,8 +207,9 @@ def prepare_training(
         configure_deepspeed(accelerator, cfg)
     module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     stream = BatchStream(
-        n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world, lengths=lengths
-    )
+        n_records, cfg.batch_size, cfg.seed, accelerator.process_index, world, lengths=lengths,
+        window=cfg.grad_accum,
+    )  # fmt: skip
     return module, optimizer, scheduler, stream, total
 
 
@@ -216,7 +220,13 @@ def run_fingerprint(cfg: TrainingArgs, world: int, ignore: tuple[str, ...] = (),
         for k, v in asdict(cfg).items()
         if k not in (*BOOKKEEPING, *ignore) and not (k in ADDED_UNSET and v is None)
     }
-    return fingerprint(dict(settings, world=world, **extra))
+    if settings.get("group_by_length"):
+        # Grouped in spans of an optimizer step's records (BatchStream.window) since this key came: a grouped
+        # checkpoint of the earlier span (a micro-batch's) is refused rather than resumed in another order.
+        extra = {"length_groups": "per optimizer step", **extra}
+    fp = fingerprint(dict(settings, world=world, **extra))
+    fp.assumed = {k: v for k, v in ADDED_WAS.items() if k in settings}
+    return fp
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) -> tqdm:

@@ -30,13 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlsi.data.records import ChatDataset, collate, record_name
+from vlsi.data.loading import BuildBatch, build_next
+from vlsi.data.records import ChatDataset, record_name
 from vlsi.data.store import Records
 from vlsi.losses.sparse import SparseDist
 from vlsi.losses.tokens import count_response_tokens
@@ -279,17 +281,29 @@ class TeacherCache:
             for j, key in enumerate(self.keys)
         }
 
+    def build(self, pad_id: int) -> CachedTeacherBatch:
+        """How step 2 builds a batch on this cache (in the training process or a ``DataLoader`` worker)."""
+        return CachedTeacherBatch(pad_id, cache=self)
+
     def next_batch(self, stream, dataset: ChatDataset, pad_id: int) -> dict:
         """:func:`vlsi.train.runtime.next_batch` with the batch's cached teacher under ``"teacher"``: one
         :class:`SparseDist` per layer key, rows in the order :func:`vlsi.model.verbalizer.response_states` gives
         the batch's response states (record by record, each in position order)."""
-        for _ in range(1000):
-            indices = stream.next_indices()
-            kept = [(i, item) for i in indices if (item := dataset[i]) is not None]
-            if not kept:
-                continue
-            teachers = [self.teacher_for(dataset, i, item) for i, item in kept]
-            batch = collate([item for _, item in kept], pad_id)
-            batch["teacher"] = {key: SparseDist.cat([t[key] for t in teachers]) for key in self.keys}
-            return batch
-        raise RuntimeError(f"{dataset.path}: 1000 consecutive batches had no usable record")
+        return build_next(stream, dataset, self.build(pad_id))
+
+    def __getstate__(self):
+        # A worker opens the shard files itself: safetensors' handles do not cross processes.
+        return {k: v for k, v in self.__dict__.items() if k != "_files"} | {"_files": {}}
+
+
+@dataclass
+class CachedTeacherBatch(BuildBatch):
+    """A batch with its records' cached teacher (:meth:`TeacherCache.next_batch`)."""
+
+    cache: TeacherCache | None = None
+
+    def batch(self, dataset: ChatDataset, kept: list[tuple[int, dict]]) -> dict | None:
+        teachers = [self.cache.teacher_for(dataset, i, item) for i, item in kept]
+        batch = self.collate_fn([item for _, item in kept], self.pad_id)
+        batch["teacher"] = {key: SparseDist.cat([t[key] for t in teachers]) for key in self.cache.keys}
+        return batch

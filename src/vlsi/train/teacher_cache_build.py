@@ -4,7 +4,9 @@ One inference pass without gradients (bf16 on GPUs that have it), the teacher pl
 (whole per process, or FSDP2-sharded decoder layers; not under ZeRO-3; :func:`vlsi.train.engines.prepare_frozen`),
 writing the shards of :mod:`vlsi.train.teacher_cache`. Under ``accelerate launch`` process ``p`` writes shards
 ``p, p + world, ...``; every process runs the same number of forwards per round (a two-token stand-in when it
-has nothing left), since a sharded teacher's forward is a collective. Before it starts it prints the size
+has nothing left), since a sharded teacher's forward is a collective. A shard's contents depend on its
+records alone, so the cache is the one a single process writes; the index counts the records skipped in
+every process's shards. Before it starts it prints the size
 the cache will take, from the response tokens of the first records; a rerun of the same command skips the
 shards already written.
 """
@@ -15,10 +17,12 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -202,7 +206,8 @@ def _open_index(accelerator, cfg: TeacherCacheConfig, settings: dict, n: int) ->
 def _announce_size(accelerator, dataset: ChatDataset, plan: dict, settings: dict, per_token: int) -> None:
     """The size the cache will take, from the response tokens of the first records."""
     n, layers = len(dataset), settings["layers"]
-    sample = [x for x in (dataset[i] for i in range(min(SIZE_SAMPLE, n))) if x is not None]
+    # Not counted as skips: each process counts those of its own shards (_all_skips).
+    sample = [x for x in (dataset.encode(i)[0] for i in range(min(SIZE_SAMPLE, n))) if x is not None]
     mean_tokens = sum(count_response_tokens(x["labels"][None]) for x in sample) / max(1, len(sample))
     estimate = mean_tokens * n * per_token
     if accelerator.is_main_process:
@@ -259,6 +264,15 @@ def _shard_rows(
             )
         bar.update(len(indices) * accelerator.num_processes)
     return rows
+
+
+def _all_skips(accelerator, dataset: ChatDataset) -> dict:
+    """The records skipped by every process (each encoded the records of its own shards), by reason: what
+    one process building every shard counts."""
+    counts = Counter()
+    for part in gather_object([dict(dataset.skips.counts)]):
+        counts.update(part)
+    return {"skipped": sum(counts.values()), "skipped_by_reason": dict(counts)}
 
 
 def _check_shards(out: Path, shards: int, fp: str) -> dict:
@@ -329,7 +343,12 @@ def build_teacher_cache(cfg: TeacherCacheConfig) -> dict:
     bar.close()
     accelerator.wait_for_everyone()
 
-    summary = {"records": n, "shards": shards, "bytes_per_token": per_token, **dataset.skips.summary()}
+    summary = {
+        "records": n,
+        "shards": shards,
+        "bytes_per_token": per_token,
+        **_all_skips(accelerator, dataset),
+    }
     if accelerator.is_main_process:
         summary |= _check_shards(out, shards, fp)
         write_json_atomic(out / INDEX_FILE, {**plan, "complete": True, **summary, "settings": asdict(cfg)})

@@ -20,6 +20,7 @@ window across processes, so every token weighs the same whatever the batch shape
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -33,12 +34,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from vlsi.data.records import BatchStream, ChatDataset, record_lengths, scan_skips, skip_report
-from vlsi.train.checkpointing import CheckpointManager
+from vlsi.train.checkpointing import STATE_FILE, CheckpointManager
 from vlsi.train.engines import whole_weights
 from vlsi.train.runtime import (
+    ADDED_WAS,
     Batch,
     TrainingArgs,
     append_jsonl,
+    batch_loader,
     check_finite,
     flat_row,
     global_response_tokens,
@@ -46,7 +49,6 @@ from vlsi.train.runtime import (
     grad_sync,
     history_tail,
     names_step,
-    next_batch,
     open_tracker,
     optimizer_step,
     prepare_training,
@@ -104,6 +106,7 @@ def prepare_run(
     over them: the run's summary counts them only at its end, and a high rate (say, images too large for
     --max-length) is worth stopping for in the first minutes."""
     n_records = len(dataset) if n_records is None else n_records
+    cfg = started_order(cfg)
     if accelerator.is_main_process:
         print(skip_report(scan_skips(dataset, n=n_records), n_records, cfg.max_length), flush=True)
     lengths = None
@@ -118,6 +121,27 @@ def prepare_run(
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "data.json").write_text(json.dumps(dataset.records.describe(), indent=2))
     return Run(accelerator, cfg, Path(cfg.out), module, optimizer, scheduler, stream, dataset, total)
+
+
+def started_order(cfg: TrainingArgs) -> TrainingArgs:
+    """``cfg`` with the data order of the run it resumes: ``group_by_length`` as the latest checkpoint in OUT
+    has it, off where the checkpoint predates the option (:data:`vlsi.train.runtime.ADDED_WAS`; such runs
+    shuffled plainly). The order is the run's since its first step, and the checkpoint's position means
+    nothing in another one: a run started under the old default (off) resumes as it started, where
+    refusing it would leave only --no-resume. ``cfg`` itself when nothing is resumed."""
+    latest = CheckpointManager(Path(cfg.out) / "checkpoints").latest() if cfg.resume else None
+    if latest is None:
+        return cfg
+    settings = json.loads((latest / STATE_FILE).read_text()).get("settings", {})
+    started = settings.get("group_by_length", ADDED_WAS["group_by_length"])
+    if started == cfg.group_by_length:
+        return cfg
+    log.warning(
+        "%s: resuming a run that started %s; it goes on so (--no-resume starts it again %s)",
+        latest,
+        *(("grouped by length", "shuffled") if started else ("shuffled, not grouped by length", "grouped")),
+    )
+    return dataclasses.replace(cfg, group_by_length=started)
 
 
 def resume(run: Run, ignore: tuple[str, ...] = (), logs: tuple | list = (), **settings) -> dict | None:
@@ -149,7 +173,7 @@ def train(
     entry: Callable[[list[float]], Any],
     row: Callable[[list], dict],
     pad_id: int,
-    fetch: Callable[[BatchStream, ChatDataset, int], Batch] = next_batch,
+    fetch: Callable[[BatchStream, ChatDataset, int], Batch] | None = None,
     after_step: Callable[[int], None] | None = None,
     saved: Callable[[], dict] | None = None,
 ) -> None:
@@ -158,8 +182,20 @@ def train(
     Per step: ``--grad-accum`` micro-batches from ``fetch``, each through ``micro_loss``; the optimizer
     step; the step's per-token means (over every process) into the history as ``entry(means)``; every
     ``--log-every`` steps the row ``{"step", **row(recent entries), "lr"}``; ``after_step(step)``; every
-    ``--save-every`` steps a checkpoint, with ``saved()`` added to its state.
+    ``--save-every`` steps a checkpoint, with ``saved()`` added to its state. ``fetch`` None: the records
+    encoded and collated, in ``--num-workers`` workers or here (:func:`vlsi.train.runtime.batch_loader`); a
+    fetch with a ``close`` is closed at the end.
     """
+    fetch = fetch or batch_loader(run.cfg, pad_id)
+    try:
+        _train(run, name, micro_loss, entry, row, pad_id, fetch, after_step, saved)
+    finally:
+        close = getattr(fetch, "close", None)
+        if close is not None:
+            close()
+
+
+def _train(run: Run, name: str, micro_loss: MicroLoss, entry, row, pad_id: int, fetch, after_step, saved):
     accelerator, cfg = run.accelerator, run.cfg
     run.module.train()
     bar = progress_bar(accelerator, run.total, run.step, name)
