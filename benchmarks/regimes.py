@@ -10,7 +10,8 @@ it (``vlsi distill --config`` with ``controls: true``) with the tiny preset's bu
 - ``free``: the same images, answers in one of several phrasings ("They add up to 20.");
 - ``working``: the same images, answers with their working ("4 + 7 + 9 = 20");
 - ``teacher``: the same images without answers: every step trains on the teacher base's greedy
-  answers (sequence-level KD's data; step 2 itself needs no labels).
+  answers (sequence-level KD's data; step 2 itself needs no labels);
+- ``own_teacher``: the student's own images with the teacher's answers (sequence-level KD on the default set).
 
 Variants train on a regime's set and change one thing: ``noise30_t3`` (step 3 on the teacher's answers),
 ``own_p05`` / ``own_p1`` / ``noise30_p05`` / ``noise30_p1`` (on-policy step 2, ``interact --lmbda``; the KD
@@ -78,6 +79,8 @@ REGIMES: dict[str, dict | None] = {
     "free": {"answers": "free"},
     "working": {"answers": "working"},
     "teacher": {"labels": "teacher"},
+    # The student's own images with the teacher's answers: sequence-level KD on the default set.
+    "own_teacher": {"labels": "teacher", "images": "own"},
     # 30% wrong answers for steps 1-2 and the SFT control; VLsI's step 3 (and the KD control's) on the
     # teacher's answers to the same images: the step-3 variant the paper allows where labels are bad.
     "noise30_t3": {
@@ -103,7 +106,7 @@ REGIMES: dict[str, dict | None] = {
     },
 }
 # What a regime name says about its data, not how it trains on it.
-VARIANT_KEYS = ("from", "interact", "link", "step3", "labels")
+VARIANT_KEYS = ("from", "interact", "link", "step3", "labels", "images")
 ROWS = ("sft_control", "final_layer_kd", "vlsi_step2", "vlsi")
 
 
@@ -134,24 +137,30 @@ def regime_data(out: Path, bases: Path, name: str, seed: int, new_images: int = 
     if "from" in options:
         return regime_data(out, bases, options["from"], seed, new_images)
     labels = options.get("labels", "data")
-    data_options = {k: v for k, v in options.items() if k not in VARIANT_KEYS}
-    root = out / "data" / (name if labels == "data" else "new")
-    if not (root / "distill.json").exists():
-        # The bases' test and validation images are regenerated (same seed, same streams) so the new images
-        # avoid their digit combinations.
-        held = {split: _images(bases / "data" / f"{split}.json") for split in ("test", "val")}
-        generate(DigitsConfig(out=str(root), train=0, **held, distill=new_images, seed=seed, **data_options))
-        for split in ("test", "val"):
-            if (root / f"{split}.json").read_bytes() != (bases / "data" / f"{split}.json").read_bytes():
-                raise SystemExit(
-                    f"{bases}: its {split} split is not seed {seed}'s; pass the bases' --data-seed"
-                )
+    if options.get("images") == "own":
+        source = bases / "data" / "train.json"
+    else:
+        root = out / "data" / (name if labels == "data" else "new")
+        source = root / "distill.json"
+        if not source.exists():
+            # The bases' test and validation images are regenerated (same seed, same streams) so the new
+            # images avoid their digit combinations.
+            held = {split: _images(bases / "data" / f"{split}.json") for split in ("test", "val")}
+            data_options = {k: v for k, v in options.items() if k not in VARIANT_KEYS}
+            generate(
+                DigitsConfig(out=str(root), train=0, **held, distill=new_images, seed=seed, **data_options)
+            )
+            for split in ("test", "val"):
+                if (root / f"{split}.json").read_bytes() != (bases / "data" / f"{split}.json").read_bytes():
+                    raise SystemExit(
+                        f"{bases}: its {split} split is not seed {seed}'s; pass the bases' --data-seed"
+                    )
     if labels == "teacher":
-        labelled = out / "data" / "teacher" / "distill.json"
+        labelled = out / "data" / name / "distill.json"
         if not labelled.exists():
-            relabel(str(bases / "teacher_sft"), root / "distill.json", labelled)
+            relabel(str(bases / "teacher_sft"), source, labelled)
         return labelled
-    return root / "distill.json"
+    return source
 
 
 def shared_eval(out: Path, bases: Path) -> Path:
@@ -248,6 +257,17 @@ def summarize(out: Path, seeds: list[int], regimes: list[str]) -> dict:
                     [a - b for a, b in zip(acc["vlsi_step2"], acc["sft_control"], strict=True)]
                 ),
             }
+            if source := (REGIMES[name] or {}).get("from"):
+                # A variant against its source, seed by seed (the seeds both have finished).
+                pairs = [
+                    (json.loads(p.read_text()), json.loads((out / source / f"seed{s}" / file).read_text()))
+                    for s, p in zip(seeds, runs, strict=True)
+                    if p.exists() and (out / source / f"seed{s}" / file).exists()
+                ]
+                per_split[split]["minus_source"] = {
+                    k: mean_se([v[k]["accuracy"] - o[k]["accuracy"] for v, o in pairs])
+                    for k in ("vlsi", "vlsi_step2", "final_layer_kd")
+                }
         if per_split:
             summary[name] = per_split
     return summary
@@ -258,10 +278,13 @@ def markdown(summary: dict, split: str, names: list[str], title: str) -> str:
         text = f"{pair[0]:{sign}.1f}"
         return text if math.isnan(pair[1]) else f"{text} ± {pair[1]:.1f}"
 
+    # Variants also against their source regime, paired by seed.
+    paired = any("minus_source" in summary.get(n, {}).get(split, {}) for n in names)
+    extra = " | VLsI − source | step 2 − source | KD − source" if paired else ""
     lines = [
         f"| {title} ({split}) | seeds | teacher | base | SFT control | final-layer KD | VLsI after step 2 | VLsI "
-        "| VLsI − SFT | KD − SFT | step 2 − SFT |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| VLsI − SFT | KD − SFT | step 2 − SFT{extra} |",
+        "| --- " * (11 + 3 * paired) + "|",
     ]
     for name in names:
         if split not in summary.get(name, {}):
@@ -270,6 +293,11 @@ def markdown(summary: dict, split: str, names: list[str], title: str) -> str:
         acc = " | ".join(f"{r['accuracy'][k][0]:.1f}" for k in ("teacher", "student_base"))
         acc += " | " + " | ".join(cell(r["accuracy"][k], "") for k in ROWS)
         diffs = " | ".join(cell(r[k]) for k in ("vlsi_minus_sft", "kd_minus_sft", "step2_minus_sft"))
+        if paired:
+            source = r.get("minus_source")
+            diffs += " | " + " | ".join(
+                cell(source[k]) if source else "" for k in ("vlsi", "vlsi_step2", "final_layer_kd")
+            )
         lines.append(f"| {name} | {r['seeds']} | {acc} | {diffs} |")
     return "\n".join(lines)
 

@@ -44,7 +44,14 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     regimes = _load("regimes", monkeypatch)
     out = tmp_path / "map"
     args = ["--out", str(out), "--bases", str(bases), "--seeds", "0,1", "--new-images", "6"]
-    chosen = ["noise30_t3", "own_p1", "own", "noise30", "teacher"]  # variants first: they wait for sources
+    chosen = [
+        "noise30_t3",
+        "own_p1",
+        "own",
+        "noise30",
+        "teacher",
+        "own_teacher",
+    ]  # variants first: they wait for sources
     assert regimes.main([*args, "--regimes", ",".join(chosen), "--jobs", "2", *STEPS]) == 0
     summary = json.loads((out / "regimes.json").read_text())["regimes"]
     assert set(summary) == set(chosen)
@@ -65,6 +72,9 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     }
     assert records["own"] == 16 and records["noise30"] == 6
     assert 0 < records["teacher"] <= 6  # a record the teacher answers with nothing is dropped and counted
+    assert 0 < records["own_teacher"] <= 16  # the student's own images, the teacher's answers
+    own_teacher = yaml.safe_load((out / "own_teacher" / "seed0" / "distill_config.yaml").read_text())
+    assert own_teacher["train_data"].endswith("own_teacher/distill.json")
     text = (out / "regimes.md").read_text()
     assert (out / "regimes.png").stat().st_size > 1000 and "| noise30 | 2 |" in text
     # The on-policy variant is tabled beside its off-policy source, not in the map.
