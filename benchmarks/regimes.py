@@ -67,11 +67,11 @@ ABLATION = {
     "ll=none": {"ll": "none"},
 }
 STEP1 = ("step1_teacher_verbalizers", "step1_student_verbalizers")
-# regime -> the distillation set's options (None: the student's own set). A variant (``from``) trains on
+# regime -> the distillation set's options (``images: own``: the student's own images). A variant (``from``) trains on
 # its source regime's set with ``interact`` overrides and links the stages it shares with the same seed of
 # the source (``link``): they would compute the same thing, so the rows differ only in what they vary.
-REGIMES: dict[str, dict | None] = {
-    "own": None,
+REGIMES: dict[str, dict] = {
+    "own": {"images": "own"},
     "new": {},
     "noise10": {"noise": 0.1},
     "noise30": {"noise": 0.3},
@@ -132,8 +132,6 @@ def _images(path: Path) -> int:
 def regime_data(out: Path, bases: Path, name: str, seed: int, new_images: int = NEW_IMAGES) -> Path:
     """The regime's distillation file (built once; the images are those of every regime)."""
     options = REGIMES[name]
-    if options is None:
-        return bases / "data" / "train.json"
     if "from" in options:
         return regime_data(out, bases, options["from"], seed, new_images)
     labels = options.get("labels", "data")
@@ -191,7 +189,7 @@ def run_regime(
     """One seed of one regime; ``data`` is its distillation file and step 3's own file (None: the same).
     A variant waits for its ``source`` run of the same seed, then links the stages it shares with it; a
     stage the source has not finished (or a source not in the sweep) is trained here instead."""
-    options = REGIMES[name] or {}
+    options = REGIMES[name]
     root = out / name / f"seed{seed}"
     for sub in ("eval", "eval_val"):
         for key in ("teacher", "student_base"):
@@ -257,7 +255,7 @@ def summarize(out: Path, seeds: list[int], regimes: list[str]) -> dict:
                     [a - b for a, b in zip(acc["vlsi_step2"], acc["sft_control"], strict=True)]
                 ),
             }
-            if source := (REGIMES[name] or {}).get("from"):
+            if source := (REGIMES[name]).get("from"):
                 # A variant against its source, seed by seed (the seeds both have finished).
                 pairs = [
                     (json.loads(p.read_text()), json.loads((out / source / f"seed{s}" / file).read_text()))
@@ -305,8 +303,8 @@ def markdown(summary: dict, split: str, names: list[str], title: str) -> str:
 def tables(regimes: list[str]) -> dict[str, list[str]]:
     """The summary's tables: the map (regimes and step-3 variants), on-policy step 2 beside its off-policy
     source, and the ablation rows beside the default; each lists only the chosen regimes."""
-    source = {n: (REGIMES[n] or {}).get("from") for n in regimes}
-    on_policy = [n for n in regimes if "lmbda" in (REGIMES[n] or {}).get("interact", {})]
+    source = {n: REGIMES[n].get("from") for n in regimes}
+    on_policy = [n for n in regimes if "lmbda" in REGIMES[n].get("interact", {})]
     ablation = [n for n in regimes if n.startswith("own:")]
     groups = {
         "regime": [n for n in regimes if n not in on_policy and n not in ablation],
@@ -377,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     regimes = [r.strip() for r in args.regimes.split(",")]
     if unknown := [r for r in regimes if r not in REGIMES]:
         raise SystemExit(f"unknown regimes {unknown}; choose from {list(REGIMES)}")
-    threads = args.threads
     t0 = time.perf_counter()
     if args.summarize:
         return write_summary(args.out, seeds, regimes, t0)
@@ -391,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def files(name: str) -> tuple[Path, Path | None]:
-        step3 = (REGIMES[name] or {}).get("step3")
+        step3 = (REGIMES[name]).get("step3")
         make = partial(regime_data, args.out, bases, seed=args.data_seed, new_images=args.new_images)
         return make(name), make(step3) if step3 else None
 
@@ -404,12 +401,21 @@ def main(argv: list[str] | None = None) -> int:
         for variants in (False, True):
             for seed in seeds:
                 for name in regimes:
-                    options = REGIMES[name] or {}
+                    options = REGIMES[name]
                     if ("from" in options) != variants:
                         continue
                     source = jobs.get((options.get("from", ""), seed))
                     jobs[name, seed] = pool.submit(
-                        run_regime, args.out, bases, shared, name, seed, data[name], threads, extra, source
+                        run_regime,
+                        args.out,
+                        bases,
+                        shared,
+                        name,
+                        seed,
+                        data[name],
+                        args.threads,
+                        extra,
+                        source,
                     )
         for job in jobs.values():
             job.result()
@@ -417,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(out: Path, seeds: list[int], regimes: list[str], t0: float) -> int:
-    summary = summarize(
-        out, seeds, sorted(set(regimes) | {(REGIMES[n] or {}).get("from", n) for n in regimes})
-    )
+    summary = summarize(out, seeds, sorted(set(regimes) | {REGIMES[n].get("from", n) for n in regimes}))
     groups = tables(regimes)
     text = "\n\n".join(
         markdown(summary, split, names, title) for title, names in groups.items() for split in ("test", "val")

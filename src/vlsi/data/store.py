@@ -141,8 +141,6 @@ def _build_json(source: Path, target: Path) -> None:
 def _open_json(path: Path):
     import datasets
 
-    if not path.exists():
-        raise DataFileError(f"{path}: no such file")
     target = cache_root() / f"json-{_file_key([path])}.arrow"
     _built_once(target, lambda tmp: _build_json(path, tmp))
     return datasets.Dataset.from_file(str(target))
@@ -155,8 +153,6 @@ def _open_parquet(path: Path):
     import datasets
 
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    if not path.exists():
-        raise DataFileError(f"{path}: no such file")
     # datasets writes its Arrow cache once per set of files (and reuses it, locked between processes).
     cache = cache_root() / f"parquet-{_file_key(files)}"
     try:
@@ -260,7 +256,7 @@ def open_source(path: str | Path, image_root: str | Path | None = None, skill: s
     kind = input_kind(path)
     if kind == "mixture":
         raise DataFileError(f"{path}: a mixture cannot name another mixture")
-    if kind != "json" and not path.exists():
+    if not path.exists():
         raise DataFileError(f"{path}: no such file")
     opener = {"json": _open_json, "parquet": _open_parquet, "saved": _open_saved}[kind]
     dataset = opener(path)

@@ -178,8 +178,6 @@ def load_frozen_sharded(path: str, dtype: torch.dtype, device: torch.device) -> 
     mapped to the model's as ``from_pretrained`` maps them (transformers' conversion mapping).
     """
     from accelerate import init_empty_weights
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlsi.model.backbone import Backbone
@@ -212,16 +210,23 @@ def load_frozen_sharded(path: str, dtype: torch.dtype, device: torch.device) -> 
             key = next((k for k in names.get(key, [key]) if k in sources), key)
             if key not in sources:
                 raise ValueError(f"{name}: no weights for {key} in the checkpoint")
-            if isinstance(param, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements
-                )
-                local = param.to_local()
-                assert tuple(local.shape) == tuple(shape), (key, local.shape, shape)
-                checkpoint.read_rows(sources[key], offset[0] if offset else 0, local)
-            else:
-                checkpoint.read_rows(sources[key], 0, param)
+            _read_local(checkpoint, sources[key], param)
     return model
+
+
+def _read_local(checkpoint, name: str, param: torch.Tensor) -> None:
+    """This process's part of ``param`` read from tensor ``name`` of ``checkpoint``: its rows of a sharded
+    (DTensor) parameter, the whole of any other."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        checkpoint.read_rows(name, 0, param)
+        return
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local = param.to_local()
+    assert tuple(local.shape) == tuple(shape), (name, local.shape, shape)
+    checkpoint.read_rows(name, offset[0] if offset else 0, local)
 
 
 def _checkpoint_names(model: nn.Module, checkpoint) -> dict[str, str]:
@@ -275,30 +280,27 @@ def load_frozen_verbalizers_sharded(
     :func:`load_frozen_sharded` reads the model: built on the meta device, each verbalizer sharded (its own
     unit), and only this process's rows read from ``verbalizers.safetensors``, in ``dtype``. Loading them whole
     first would hold the 72B teacher's 20 (4.0B parameters, 16 GB in fp32) in every process's host RAM."""
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     from vlsi.model.partial_load import Checkpoint
     from vlsi.model.verbalizer import WEIGHTS_FILE, Verbalizers
 
     with torch.device("meta"):
         verbalizers = Verbalizers.for_model(path, backbone)
     verbalizers.to(device="meta", dtype=dtype).eval().requires_grad_(False)
-    for module in verbalizers.per_layer.values():
-        fully_shard(module, reshard_after_forward=True)
+    _shard_each_verbalizer(verbalizers)
     verbalizers.to_empty(device=device)
     stored = Checkpoint(path, WEIGHTS_FILE)
     with torch.no_grad():
         for key, param in verbalizers.named_parameters():
-            if isinstance(param, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements
-                )
-                stored.read_rows(key, offset[0] if offset else 0, param.to_local())
-            else:
-                stored.read_rows(key, 0, param)
+            _read_local(stored, key, param)
     return verbalizers
+
+
+def _shard_each_verbalizer(verbalizers: nn.Module) -> None:
+    """FSDP2 over each verbalizer, its own unit, gathered for its own forward and resharded after it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in verbalizers.per_layer.values():
+        fully_shard(module, reshard_after_forward=True)
 
 
 def prepare_frozen_verbalizers(accelerator: Accelerator, verbalizers: nn.Module) -> nn.Module:
@@ -308,10 +310,7 @@ def prepare_frozen_verbalizers(accelerator: Accelerator, verbalizers: nn.Module)
     on every process otherwise. Every process must then run the same verbalizers in the same order, which
     the step-2 losses and the teacher cache do (each teacher layer once per micro-batch, in order)."""
     if accelerator.distributed_type == DistributedType.FSDP:
-        from torch.distributed.fsdp import fully_shard
-
-        for module in verbalizers.per_layer.values():
-            fully_shard(module, reshard_after_forward=True)
+        _shard_each_verbalizer(verbalizers)
     return verbalizers.to(accelerator.device)
 
 

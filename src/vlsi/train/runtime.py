@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from vlsi.data.loading import Batch, BatchLoader, BuildBatch, build_next
-from vlsi.data.records import BatchStream, ChatDataset, collate
+from vlsi.data.loading import Batch, BatchLoader, BuildBatch
+from vlsi.data.records import BatchStream, collate
 from vlsi.losses.chunked import GPU_CHUNK_TOKENS, default_chunk_tokens
 from vlsi.losses.tokens import count_response_tokens
 from vlsi.train.checkpointing import fingerprint
@@ -66,13 +66,6 @@ def make_accelerator(precision: str, seed: int) -> Accelerator:
 
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def next_batch(stream: BatchStream, dataset: ChatDataset, pad_id: int, collate_fn=collate) -> Batch:
-    """The next non-empty micro-batch, built in this process; a batch whose every record was bad is skipped
-    whole. ``collate_fn``: how the items are batched (:class:`vlsi.data.pairs.PairCollate` for a cross-family
-    pair). :class:`vlsi.data.loading.BatchLoader` builds the same batches, in workers if asked."""
-    return build_next(stream, dataset, BuildBatch(pad_id, collate_fn))
 
 
 def batch_loader(cfg: TrainingArgs, pad_id: int, collate_fn=collate, build: BuildBatch | None = None):

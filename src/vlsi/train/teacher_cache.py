@@ -286,7 +286,7 @@ class TeacherCache:
         return CachedTeacherBatch(pad_id, cache=self)
 
     def next_batch(self, stream, dataset: ChatDataset, pad_id: int) -> dict:
-        """:func:`vlsi.train.runtime.next_batch` with the batch's cached teacher under ``"teacher"``: one
+        """:func:`vlsi.data.loading.build_next` with the batch's cached teacher under ``"teacher"``: one
         :class:`SparseDist` per layer key, rows in the order :func:`vlsi.model.verbalizer.response_states` gives
         the batch's response states (record by record, each in position order)."""
         return build_next(stream, dataset, self.build(pad_id))

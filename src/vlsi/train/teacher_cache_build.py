@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 
 from vlsi.data.pairs import TEACHER_INPUTS, PairEncoder
 from vlsi.data.processing import ImageSize, VLProcessor
-from vlsi.data.records import ChatDataset, Encoder, collate, scan_skips, skip_report
+from vlsi.data.records import ChatDataset, Encoder, SkipLog, collate, scan_skips, skip_report
 from vlsi.losses.chunked import _chunks, default_chunk_tokens
 from vlsi.losses.sparse import SparseDist, sparse_from_logits
 from vlsi.losses.tokens import IGNORE_INDEX, count_response_tokens, shift_labels
@@ -269,10 +268,10 @@ def _shard_rows(
 def _all_skips(accelerator, dataset: ChatDataset) -> dict:
     """The records skipped by every process (each encoded the records of its own shards), by reason: what
     one process building every shard counts."""
-    counts = Counter()
+    every = SkipLog()
     for part in gather_object([dict(dataset.skips.counts)]):
-        counts.update(part)
-    return {"skipped": sum(counts.values()), "skipped_by_reason": dict(counts)}
+        every.counts.update(part)
+    return every.summary()
 
 
 def _check_shards(out: Path, shards: int, fp: str) -> dict:
