@@ -4,7 +4,7 @@ The bases are trained once (the built-in tiny setting's, at their plateaus); eac
 distillation set for the same teacher and student, and each seed reruns steps 1-3 and both controls on
 it (``vlsi distill --config`` with ``controls: true``) with the tiny preset's budgets:
 
-- ``own``: the student's own 2,000 images, exact answers (the built-in default);
+- ``own``: the student's own images, exact answers (the built-in default);
 - ``new``: 4,800 images new to the student, exact answers;
 - ``noise10`` / ``noise30`` / ``noise50``: the same images, that fraction of answers wrong;
 - ``free``: the same images, answers in one of several phrasings ("They add up to 20.");
