@@ -109,7 +109,7 @@ class DistillConfig(ImageSize):
 
 # The built-in tiny setting (`vlsi distill` with no --config): sized so the whole run, bases and controls
 # included, fits in 25 min on a quiet 2-core CPU, 6 once the bases exist (docs/tiny_setting.md). The bases'
-# budgets are TinySettings' own defaults (3,000 steps each: their plateaus, docs/tiny_setting.md). Flags still override any of it.
+# budgets are TinySettings' own defaults (3,000 steps each: their plateaus). Flags still override any of it.
 TINY_PRESET: dict = {
     "out": "runs/distill",
     "controls": True,
