@@ -255,12 +255,13 @@ def summarize(out: Path, seeds: list[int], regimes: list[str]) -> dict:
                     [a - b for a, b in zip(acc["vlsi_step2"], acc["sft_control"], strict=True)]
                 ),
             }
-            if source := (REGIMES[name]).get("from"):
+            if source := REGIMES[name].get("from"):
                 # A variant against its source, seed by seed (the seeds both have finished).
+                sources = [out / source / f"seed{s}" / file for s in seeds]
                 pairs = [
-                    (json.loads(p.read_text()), json.loads((out / source / f"seed{s}" / file).read_text()))
-                    for s, p in zip(seeds, runs, strict=True)
-                    if p.exists() and (out / source / f"seed{s}" / file).exists()
+                    (json.loads(p.read_text()), json.loads(o.read_text()))
+                    for p, o in zip(runs, sources, strict=True)
+                    if p.exists() and o.exists()
                 ]
                 per_split[split]["minus_source"] = {
                     k: mean_se([v[k]["accuracy"] - o[k]["accuracy"] for v, o in pairs])
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def files(name: str) -> tuple[Path, Path | None]:
-        step3 = (REGIMES[name]).get("step3")
+        step3 = REGIMES[name].get("step3")
         make = partial(regime_data, args.out, bases, seed=args.data_seed, new_images=args.new_images)
         return make(name), make(step3) if step3 else None
 

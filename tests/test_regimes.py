@@ -44,14 +44,8 @@ def test_regime_map_runs_every_kind_of_distillation_set(bases, tmp_path, monkeyp
     regimes = _load("regimes", monkeypatch)
     out = tmp_path / "map"
     args = ["--out", str(out), "--bases", str(bases), "--seeds", "0,1", "--new-images", "6"]
-    chosen = [
-        "noise30_t3",
-        "own_p1",
-        "own",
-        "noise30",
-        "teacher",
-        "own_teacher",
-    ]  # variants first: they wait for sources
+    # Variants first: they wait for their sources.
+    chosen = ["noise30_t3", "own_p1", "own", "noise30", "teacher", "own_teacher"]
     assert regimes.main([*args, "--regimes", ",".join(chosen), "--jobs", "2", *STEPS]) == 0
     summary = json.loads((out / "regimes.json").read_text())["regimes"]
     assert set(summary) == set(chosen)
